@@ -1,0 +1,121 @@
+"""The `rlengine` command (also `python -m rlengine`).
+
+    rlengine train --config configs/default.yaml [key=value ...] [--nproc 2] [--hostfile H]
+        wraps the launch a user would otherwise type:
+        deepspeed --hostfile launch/hosts --no_ssh --node_rank 0 --master_addr 127.0.0.1 \\
+                  rlengine/train.py --config ... (one box); with --hostfile of several nodes
+        the plain multi-node form (ssh / pdsh) is used.
+    rlengine list      the registered losses, gates, rewards, dataset presets
+    rlengine config    print the resolved config (same arguments as train)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hosts(hostfile: str) -> list[str]:
+    names = []
+    for line in Path(hostfile).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line.split()[0])
+    return names
+
+
+def launch_command(config: str | None, overrides: list[str], nproc: int, hostfile: str | None,
+                   master_port: int | None = None) -> list[str]:
+    """The deepspeed launcher line for one box (no ssh) or for the nodes of a hostfile."""
+    ds = shutil.which("deepspeed")
+    launcher = [ds] if ds else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    port = str(master_port or _free_port())
+    if hostfile is None:
+        tmp = Path(tempfile.mkdtemp(prefix="rlengine-hosts-")) / "hosts"
+        tmp.write_text(f"localhost slots={nproc}\n")
+        hostfile = str(tmp)
+    elif not Path(hostfile).is_file():
+        raise FileNotFoundError(f"hostfile not found: {hostfile}")
+    hosts = _hosts(hostfile)
+    one_box = all(h in ("localhost", "127.0.0.1", socket.gethostname()) for h in hosts)
+    cmd = launcher + ["--hostfile", hostfile, "--master_port", port]
+    if one_box:
+        cmd += ["--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
+    cmd += [str(TRAIN_SCRIPT)]
+    if config:
+        cmd += ["--config", config]
+    return cmd + list(overrides)
+
+
+def cmd_list() -> int:
+    from rlengine import losses, rewards
+    from rlengine import data
+
+    print("losses :", ", ".join(sorted(losses.LOSSES)))
+    for name in sorted(losses.LOSSES):
+        params = ", ".join(f"{k}={v!r}" for k, v in losses.loss_hyperparams(name).items())
+        print(f"  {name:8s} {params}")
+    print("gates  :", ", ".join(sorted(losses.GATES)))
+    print("agg    :", ", ".join(losses.AGG_MODES))
+    print("rewards:", ", ".join(sorted(rewards.REWARDS)))
+    print("data   :", ", ".join(sorted(data.PRESETS)))
+    print("system prompts:", ", ".join(sorted(data.SYSTEM_PROMPTS)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="rlengine", description="rlengine: RL for LLM reasoning")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="launch training through the deepspeed launcher")
+    tr.add_argument("--config", help="YAML config")
+    tr.add_argument("--nproc", type=int, default=2, help="processes on this box (ignored with --hostfile)")
+    tr.add_argument("--hostfile", help="deepspeed hostfile (default: this box with --nproc slots)")
+    tr.add_argument("--master_port", type=int, default=None)
+    tr.add_argument("--dry-run", action="store_true", help="print the launch command only")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dgpo")
+    sub.add_parser("list", help="list losses, gates, rewards, dataset presets")
+    cf = sub.add_parser("config", help="print the resolved config")
+    cf.add_argument("--config")
+    cf.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    if args.cmd == "list":
+        return cmd_list()
+    from rlengine.config import ConfigError, load_config, to_yaml
+
+    try:
+        cfg = load_config(args.config, args.overrides)  # fail on config errors before launching
+    except ConfigError as e:
+        print(f"rlengine: config error: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "config":
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        cmd = launch_command(args.config, args.overrides, args.nproc, args.hostfile, args.master_port)
+    except FileNotFoundError as e:
+        print(f"rlengine: {e}", file=sys.stderr)
+        return 2
+    print("rlengine: " + " ".join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    env = dict(os.environ)
+    env.setdefault("PYTHONPATH", str(TRAIN_SCRIPT.parent.parent))
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

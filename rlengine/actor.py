@@ -1,0 +1,251 @@
+"""The DeepSpeed ZeRO-3 policy (and the frozen reference model for KL).
+
+`Actor` owns the trained model inside a DeepSpeed engine: ZeRO-3 partitioning, AdamW, the
+learning-rate schedule, gradient clipping and accumulation, bf16 or fp32. `ReferenceModel` is
+the same architecture in a ZeRO-3 engine without optimizer, loaded only when a KL coefficient
+is set. Both compute per-token log-probs of response tokens with the memory-lean chunked LM
+head (rlengine/logprobs.py), at the sampler's temperature.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from rlengine.config import Config
+
+
+# --------------------------------------------------------------------------- batches
+
+@dataclass
+class SeqBatch:
+    """Right-padded prompt+response sequences and where the responses sit."""
+
+    input_ids: torch.Tensor       # [B, S] prompt then response, right-padded
+    attention_mask: torch.Tensor  # [B, S] 1 on real tokens
+    resp_pos: torch.Tensor        # [B, T] index in S of each response token (0 where padded)
+    resp_mask: torch.Tensor       # [B, T] 1 on response tokens
+    targets: torch.Tensor         # [B, T] the response token ids (pad where masked)
+
+
+def make_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> SeqBatch:
+    B = len(prompt_ids)
+    S = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    T = max(1, max(len(r) for r in response_ids))
+    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, S), dtype=torch.long)
+    resp_pos = torch.zeros((B, T), dtype=torch.long)
+    resp_mask = torch.zeros((B, T), dtype=torch.float32)
+    targets = torch.full((B, T), pad_id, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        seq = list(p) + list(r)
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attn[i, : len(seq)] = 1
+        if r:
+            resp_pos[i, : len(r)] = torch.arange(len(p), len(p) + len(r))
+            resp_mask[i, : len(r)] = 1.0
+            targets[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return SeqBatch(input_ids, attn, resp_pos, resp_mask, targets)
+
+
+def response_logprobs(module, batch: SeqBatch, temperature: float, with_entropy: bool):
+    """Per-token log-prob (and entropy) of each response token under `module` (an HF causal LM
+    whose lm_head was replaced by the chunked head). Returns ([B, T], [B, T] or None), zero where
+    masked. Only the hidden states that predict response tokens go through the LM head."""
+    from rlengine.logprobs import chunked_head_logprobs
+
+    out = module.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    hidden = out.last_hidden_state                               # [B, S, H]
+    sel = batch.resp_mask.bool()                                 # [B, T]
+    # token at position p is predicted by the hidden state at p - 1
+    rows = hidden[torch.arange(hidden.shape[0]).unsqueeze(1).expand_as(batch.resp_pos)[sel],
+                  batch.resp_pos[sel] - 1]                       # [N, H]
+    logp_rows, ent_rows = chunked_head_logprobs(module, rows, batch.targets[sel], temperature, with_entropy)
+    logp = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
+    logp = logp.masked_scatter(sel, logp_rows.float())
+    ent = None
+    if with_entropy:
+        ent = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device).masked_scatter(sel, ent_rows.float())
+    return logp, ent
+
+
+# --------------------------------------------------------------------------- DeepSpeed config
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: Config, dp_world_size: int, grad_accum: int, with_optimizer: bool = True) -> dict:
+    """The DeepSpeed config rlengine models; `cfg.deepspeed` is deep-merged over it last."""
+    t = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": t.micro_batch_size * grad_accum * dp_world_size,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if with_optimizer:
+        ds["gradient_clipping"] = t.grad_clip
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps,
+                                                       "weight_decay": t.weight_decay}}
+    return _deep_merge(ds, cfg.deepspeed)
+
+
+def lr_multiplier(cfg: Config, total_updates: int):
+    """Optimizer-step -> lr / base lr: linear warmup, then constant / linear / cosine decay."""
+    t = cfg.train
+
+    def f(update: int) -> float:
+        if t.warmup_steps and update < t.warmup_steps:
+            return (update + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        span = max(1, total_updates - t.warmup_steps)
+        progress = min(1.0, (update - t.warmup_steps) / span)
+        if t.lr_schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
+
+    return f
+
+
+class _TrainerMPU:
+    """Tells DeepSpeed which ranks form the data-parallel (ZeRO) group when some ranks are
+    rollout ranks (placement=separate)."""
+
+    def __init__(self, group, ranks: list[int]):
+        import torch.distributed as dist
+
+        self.group, self.ranks, self.rank = group, ranks, dist.get_rank()
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_world_size(self):
+        return len(self.ranks)
+
+    def get_data_parallel_rank(self):
+        return self.ranks.index(self.rank)
+
+    def get_model_parallel_group(self):
+        return None
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+    def get_model_parallel_rank(self):
+        return 0
+
+
+# --------------------------------------------------------------------------- models
+
+def _load_zero3_model(cfg: Config, path: str, ds_cfg: dict, dp_group):
+    """Load an HF causal LM for ZeRO-3. With the whole world as the data-parallel group the
+    weights are partitioned while loading (HfDeepSpeedConfig); with a sub-group (rollout ranks
+    elsewhere) the model is loaded whole and DeepSpeed partitions it at initialize()."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from rlengine.logprobs import install_chunked_head
+    from rlengine.model import load_causal_lm
+
+    keep_alive = HfDeepSpeedConfig(ds_cfg) if dp_group is None else None
+    model = load_causal_lm(path, dtype=cfg.model.dtype)
+    install_chunked_head(model)
+    return model, keep_alive
+
+
+class Actor:
+    """The trained policy in a DeepSpeed ZeRO-3 engine."""
+
+    def __init__(self, cfg: Config, model_path: str, grad_accum: int, total_updates: int,
+                 dp_group=None, dp_ranks: list[int] | None = None):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        world = len(dp_ranks) if dp_ranks else dist.get_world_size()
+        self.ds_config = deepspeed_config(cfg, world, grad_accum)
+        model, self._hf_ds = _load_zero3_model(cfg, model_path, self.ds_config, dp_group)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        mpu = _TrainerMPU(dp_group, dp_ranks) if dp_group is not None else None
+        schedule = lr_multiplier(cfg, total_updates)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.ds_config, mpu=mpu,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.engine.train()
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def logprobs(self, batch: SeqBatch, temperature: float, with_entropy: bool = True):
+        return response_logprobs(self.engine.module, batch, temperature, with_entropy)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> tuple[bool, float | None]:
+        """engine.step() after every micro-batch; at an accumulation boundary returns
+        (True, grad_norm) — grad_norm is inf/nan when DeepSpeed discarded a non-finite step."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if not boundary:
+            return False, None
+        norm = self.engine.get_global_grad_norm()
+        return True, float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def named_parameters_gathered(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full parameters, one layer gathered at a time (collective over the ZeRO group)."""
+        from rlengine.weight_sync import iter_gathered_params
+
+        yield from iter_gathered_params(self.engine.module)
+
+    def save_pretrained(self, out_dir: str, tokenizer, is_writer: bool) -> None:
+        """Consolidate the ZeRO-3 weights and write an HF directory (collective; rank 0 writes)."""
+        from rlengine.model import save_hf_dir
+
+        state = {}
+        for name, t in self.named_parameters_gathered():
+            if is_writer:
+                state[name] = t.detach().to("cpu", copy=True)
+        if is_writer:
+            save_hf_dir(self.engine.module, state, tokenizer, out_dir)
+
+
+class ReferenceModel:
+    """Frozen copy of the initial policy for KL, ZeRO-3 partitioned, no optimizer."""
+
+    def __init__(self, cfg: Config, model_path: str, dp_group=None, dp_ranks: list[int] | None = None):
+        import deepspeed
+        import torch.distributed as dist
+
+        world = len(dp_ranks) if dp_ranks else dist.get_world_size()
+        ds_cfg = deepspeed_config(cfg, world, grad_accum=1, with_optimizer=False)
+        model, self._hf_ds = _load_zero3_model(cfg, model_path, ds_cfg, dp_group)
+        model.config.use_cache = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        mpu = _TrainerMPU(dp_group, dp_ranks) if dp_group is not None else None
+        self.engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, mpu=mpu)
+        self.engine.eval()
+
+    @torch.no_grad()
+    def logprobs(self, batch: SeqBatch, temperature: float) -> torch.Tensor:
+        logp, _ = response_logprobs(self.engine.module, batch, temperature, with_entropy=False)
+        return logp
