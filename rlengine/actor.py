@@ -50,24 +50,21 @@ def make_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_i
     return SeqBatch(input_ids, attn, resp_pos, resp_mask, targets)
 
 
-def response_logprobs(module, batch: SeqBatch, temperature: float, with_entropy: bool):
-    """Per-token log-prob (and entropy) of each response token under `module` (an HF causal LM
-    whose lm_head was replaced by the chunked head). Returns ([B, T], [B, T] or None), zero where
-    masked. Only the hidden states that predict response tokens go through the LM head."""
-    from rlengine.logprobs import chunked_head_logprobs
+def response_logprobs(model, batch: SeqBatch, temperature: float, with_entropy: bool):
+    """Per-token log-prob (and entropy) of each response token under `model` (an HF causal LM or
+    the DeepSpeed engine around it), through the chunked LM head: the full [B, S, V] logits never
+    exist. Returns ([B, T], [B, T] or None), zero where masked."""
+    from rlengine.logprobs import token_logprobs
 
-    out = module.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    hidden = out.last_hidden_state                               # [B, S, H]
-    sel = batch.resp_mask.bool()                                 # [B, T]
-    # token at position p is predicted by the hidden state at p - 1
-    rows = hidden[torch.arange(hidden.shape[0]).unsqueeze(1).expand_as(batch.resp_pos)[sel],
-                  batch.resp_pos[sel] - 1]                       # [N, H]
-    logp_rows, ent_rows = chunked_head_logprobs(module, rows, batch.targets[sel], temperature, with_entropy)
-    logp = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
-    logp = logp.masked_scatter(sel, logp_rows.float())
-    ent = None
-    if with_entropy:
-        ent = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device).masked_scatter(sel, ent_rows.float())
+    B, S = batch.input_ids.shape
+    target = torch.zeros((B, S), dtype=torch.bool)                 # [B, S]
+    sel = batch.resp_mask.bool()                                   # [B, T]
+    rows = torch.arange(B).unsqueeze(1).expand_as(batch.resp_pos)
+    target[rows[sel], batch.resp_pos[sel]] = True
+    logp_full, ent_full = token_logprobs(model, batch.input_ids, batch.attention_mask, target,
+                                         temperature=temperature, with_entropy=with_entropy)
+    logp = logp_full.gather(1, batch.resp_pos) * batch.resp_mask   # [B, T]
+    ent = ent_full.gather(1, batch.resp_pos) * batch.resp_mask if with_entropy else None
     return logp, ent
 
 
@@ -192,7 +189,7 @@ class Actor:
         return self.engine.module
 
     def logprobs(self, batch: SeqBatch, temperature: float, with_entropy: bool = True):
-        return response_logprobs(self.engine.module, batch, temperature, with_entropy)
+        return response_logprobs(self.engine, batch, temperature, with_entropy)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -218,14 +215,30 @@ class Actor:
 
     def save_pretrained(self, out_dir: str, tokenizer, is_writer: bool) -> None:
         """Consolidate the ZeRO-3 weights and write an HF directory (collective; rank 0 writes)."""
-        from rlengine.model import save_hf_dir
-
         state = {}
         for name, t in self.named_parameters_gathered():
             if is_writer:
                 state[name] = t.detach().to("cpu", copy=True)
         if is_writer:
             save_hf_dir(self.engine.module, state, tokenizer, out_dir)
+
+
+def save_hf_dir(model, state: dict[str, torch.Tensor], tokenizer, out_dir: str) -> None:
+    """Write `state` (full tensors, HF names) as a Hugging Face directory that transformers and
+    vLLM load: safetensors + config + generation config + tokenizer with its chat template.
+    Written to a temporary sibling and renamed, so a kill never leaves a half-written model."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    out = Path(out_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
 
 
 class ReferenceModel:
@@ -247,5 +260,5 @@ class ReferenceModel:
 
     @torch.no_grad()
     def logprobs(self, batch: SeqBatch, temperature: float) -> torch.Tensor:
-        logp, _ = response_logprobs(self.engine.module, batch, temperature, with_entropy=False)
+        logp, _ = response_logprobs(self.engine, batch, temperature, with_entropy=False)
         return logp
