@@ -1,0 +1,53 @@
+"""Shared helpers for the engine tests: run rlengine/train.py through the real deepspeed launcher."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# small enough to take seconds per step on 2 CPU cores, big enough to exercise every phase
+TINY = [
+    "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=12",
+    "train.num_iterations=2", "train.micro_batch_size=4", "train.mini_batch_prompts=2",
+    "data.max_prompt_tokens=200", "reward.num_workers=1", "run.token_dump_every=1",
+    "run.tensorboard=true", "train.lr=1e-5",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(tmp: Path, nproc: int, overrides: list[str], config: str = "configs/default.yaml",
+               ssh: bool = False) -> list[str]:
+    hosts = tmp / "hosts"
+    hosts.write_text(f"localhost slots={nproc}\n")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hosts),
+           "--master_port", str(free_port())]
+    if not ssh:
+        cmd += ["--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
+    return cmd + [str(REPO / "rlengine" / "train.py"), "--config", str(REPO / config), *overrides]
+
+
+def run_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("OMP_NUM_THREADS", None)   # the program sizes its own thread pools
+    return env
+
+
+def run_training(tmp: Path, nproc: int, overrides: list[str], timeout: float = 900, **kw):
+    r = subprocess.run(launch_cmd(tmp, nproc, overrides, **kw), cwd=REPO, env=run_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    return r
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
