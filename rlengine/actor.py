@@ -182,6 +182,7 @@ class Actor:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.ds_config, mpu=mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self._hf_ds = None  # loading is done: later from_pretrained calls (the sampler) must not partition
         self.engine.train()
 
     @property
@@ -256,6 +257,7 @@ class ReferenceModel:
             p.requires_grad_(False)
         mpu = _TrainerMPU(dp_group, dp_ranks) if dp_group is not None else None
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, mpu=mpu)
+        self._hf_ds = None
         self.engine.eval()
 
     @torch.no_grad()

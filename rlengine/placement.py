@@ -23,12 +23,19 @@ from rlengine.rollout.base import Generation, Sampler, SamplingParams
 
 
 def build_local_sampler(cfg: Config, model_path: str, tokenizer) -> Sampler:
+    """This process's own sampler, with the options its backend takes."""
     from rlengine.rollout import build_sampler
 
-    return build_sampler(cfg.rollout.backend, model_path=model_path, dtype=cfg.rollout.dtype or cfg.model.dtype,
-                         tokenizer=tokenizer, seed=cfg.run.seed, kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
-                         gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-                         max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    dtype = cfg.rollout.dtype or cfg.model.dtype
+    if cfg.rollout.backend == "vllm":
+        from rlengine.rollout.vllm_sampler import in_process_possible
+
+        return build_sampler("vllm", model_path, dtype=dtype, seed=cfg.run.seed,
+                             kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+                             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                             max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                             in_process=in_process_possible())
+    return build_sampler(cfg.rollout.backend, model_path, dtype=dtype, tokenizer=tokenizer)
 
 
 def make_sampler(cfg: Config, ctx, model_path: str, tokenizer) -> Sampler:
