@@ -395,7 +395,9 @@ def train(cfg: Config, ctx) -> int:
             "nonfinite_skipped": float(bad),
             "reward_pool/timeouts": float(rewards.stats.get("timeouts", 0)),
             "reward_pool/errors": float(rewards.stats.get("errors", 0)),
-            **{f"data/{k}": float(v) for k, v in prompts.state_dict().items() if isinstance(v, (int, float))},
+            "data/draws": float(prompts.state_dict()["draws"]),    # prompts consumed so far
+            "data/epoch": float(prompts.state_dict()["sources"][0]["epoch"]),
+            "data/index": float(prompts.state_dict()["sources"][0]["index"]),
         }
         if tokens is not None:
             tokens["step"] = torch.full_like(tokens["seq"], step)
