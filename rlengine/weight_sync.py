@@ -1,0 +1,481 @@
+"""Trainer -> sampler weight push: ZeRO-3 gathering, bucketed broadcast with checksums, the probe.
+
+Owns:
+  * `iter_gathered_params(model)`: (HF name, full tensor) pairs, ZeRO-3 parameters gathered one
+    layer at a time (one `GatheredParameters` context per layer), plain parameters as they are.
+  * `WeightBroadcaster(group, src_rank)`: `.push(named_tensors)` on the source (trainer rank 0),
+    `.receive(apply_fn)` on the rollout ranks of a dedicated process group (gloo on CPU, NCCL on
+    GPU; `new_sync_group` builds one with a timeout).
+  * `local_push(sampler, named_tensors)`: the colocated placement (no broadcast).
+  * `probe_abs_diff(...)`: mean |sampler log-prob - trainer log-prob| on a fixed sequence.
+
+Wire protocol of one push (all collectives on `group`, every wait bounded by `timeout_s`):
+  1. header  int64[4]  [magic, manifest hash, manifest follows?, bucket bytes]
+  2. manifest (names, shapes, dtypes) as one object broadcast: only on the first push of a run or
+     when it changed since the last push.
+  3. the weights as one virtual byte stream (each tensor at a 64-byte aligned offset, manifest
+     order) cut into fixed-size buckets. The source packs bucket k+1 (copy, finiteness check,
+     xxh3_64) while bucket k is in flight (two staging buffers, async broadcasts); receivers
+     receive straight into one flat buffer, so every tensor is a view of it and no unpacking copy
+     is made; they hash each bucket as it lands.
+  4. trailer int64[2 + buckets]  [status, entry index, the source's per-bucket checksums]: status
+     != 0 means the source refused the push (a non-finite value, or the stream disagreed with the
+     manifest) at that entry; the remaining buckets were still sent, unpacked, so that both sides
+     issue the same collectives.
+  5. receivers compare checksums, then call `apply_fn` once with every (name, tensor) (all at once:
+     vLLM needs fused q/k/v and gate/up in one reload) and check that the names it reports loaded
+     equal the names sent.
+  6. outcome all_reduce(MAX) int64[3]  [buckets - first bad bucket, names mismatch, apply failed]:
+     everyone learns the verdict, so every side raises `WeightSyncError` (naming the first tensor
+     of the bad bucket) or none does, and nobody is left waiting.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_MAGIC = 0x524C5753  # "RLWS"
+_ALIGN = 64
+DEFAULT_LAYER_REGEX = r"^(.*?\.)?layers\.\d+\."
+
+
+class WeightSyncError(RuntimeError):
+    """A weight push failed (bad checksum, name mismatch, non-finite value, timeout)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What is sent
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float32", "bfloat16", ...
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.torch_dtype.itemsize
+
+
+def _spec(name: str, shape, dtype: torch.dtype) -> TensorSpec:
+    return TensorSpec(name, tuple(int(s) for s in shape), str(dtype).removeprefix("torch."))
+
+
+def manifest_of(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
+    return [_spec(n, t.shape, t.dtype) for n, t in named_tensors]
+
+
+def manifest_hash(manifest: Sequence[TensorSpec]) -> int:
+    """A 63-bit digest of the manifest (fits an int64 header slot)."""
+    text = "\n".join(f"{s.name}|{s.shape}|{s.dtype}" for s in manifest).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+class ParamStream:
+    """An iterable of (name, tensor) that also knows its manifest before it is iterated."""
+
+    def __init__(self, manifest: list[TensorSpec], make_iter: Callable[[], Iterator[tuple[str, torch.Tensor]]]):
+        self.manifest = manifest
+        self._make_iter = make_iter
+
+    def __iter__(self):
+        return self._make_iter()
+
+
+def _hf_name(name: str) -> str:
+    return name.removeprefix("module.")
+
+
+def iter_gathered_params(model: torch.nn.Module, layer_prefix_regex: str = DEFAULT_LAYER_REGEX) -> ParamStream:
+    """(HF name, full tensor) for every parameter, in `named_parameters()` order.
+
+    ZeRO-3 partitioned parameters are gathered one layer at a time: all parameters whose names
+    share a `layer_prefix_regex` match (e.g. `model.layers.7.`) go through one
+    `deepspeed.zero.GatheredParameters` context (one fused all-gather); other parameters form
+    one group each. A yielded tensor is valid only until the next one is requested (consume or
+    copy it at once). Gathering is a collective of the data-parallel group: every trainer rank
+    must iterate the stream to the end, not only the one that sends.
+    """
+    pattern = re.compile(layer_prefix_regex)
+    params = list(model.named_parameters())
+    manifest = [_spec(_hf_name(n), getattr(p, "ds_shape", p.shape), p.dtype) for n, p in params]
+
+    groups: list[list[tuple[str, torch.nn.Parameter]]] = []
+    last_key = None
+    for name, p in params:
+        m = pattern.match(_hf_name(name))
+        key = m.group(0) if m else None
+        if key is not None and key == last_key:
+            groups[-1].append((name, p))
+        else:
+            groups.append([(name, p)])
+        last_key = key
+
+    def generate():
+        for group in groups:
+            partitioned = [p for _, p in group if hasattr(p, "ds_id")]
+            if partitioned:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                    for name, p in group:
+                        yield _hf_name(name), p.data
+            else:
+                for name, p in group:
+                    yield _hf_name(name), p.data
+
+    return ParamStream(manifest, generate)
+
+
+@dataclass
+class _Layout:
+    """Where each tensor lives in the byte stream and how the stream is cut into buckets."""
+
+    manifest: list[TensorSpec]
+    offsets: list[int]
+    total: int
+    bucket_bytes: int
+
+    @classmethod
+    def build(cls, manifest: list[TensorSpec], bucket_bytes: int) -> "_Layout":
+        offsets, pos = [], 0
+        for spec in manifest:
+            offsets.append(pos)
+            pos += -(-spec.nbytes // _ALIGN) * _ALIGN
+        return cls(manifest, offsets, pos, bucket_bytes)
+
+    @property
+    def num_buckets(self) -> int:
+        return max(1, -(-self.total // self.bucket_bytes))
+
+    def bucket_range(self, k: int) -> tuple[int, int]:
+        return k * self.bucket_bytes, min((k + 1) * self.bucket_bytes, self.total)
+
+    def first_entry_in_bucket(self, k: int) -> int:
+        """Index of the first tensor with bytes in bucket k."""
+        start, _ = self.bucket_range(k)
+        for i, spec in enumerate(self.manifest):
+            if self.offsets[i] + spec.nbytes > start:
+                return i
+        return len(self.manifest) - 1
+
+
+def new_sync_group(ranks: list[int], timeout_s: float, backend: str | None = None):
+    """A dedicated process group for weight pushes (NCCL when CUDA is available, else gloo).
+
+    Collective over the default group: every rank of the world must call it, in the same order."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return dist.new_group(ranks=ranks, backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _checksum(buf: torch.Tensor) -> int:
+    """xxh3_64 of a CPU byte buffer; on GPU a wrapping int64 sum of its 8-byte words (on device)."""
+    if buf.is_cuda:
+        return int(buf.view(torch.int64).sum())
+    import xxhash
+
+    return xxhash.xxh3_64_intdigest(memoryview(buf.numpy()))
+
+
+def _to_int64(u: int) -> int:
+    return u - (1 << 64) if u >= (1 << 63) else u
+
+
+# ------------------------------------------------------------------------------------------------
+# The broadcaster
+# ------------------------------------------------------------------------------------------------
+class WeightBroadcaster:
+    """Bucketed, checksummed broadcast of named tensors from `src_rank` to the rest of `group`.
+
+    `src_rank` is a global rank. Metrics returned by push/receive: `sync/seconds`, `sync/gbps`,
+    `sync/bytes`, `sync/num_buckets`, `sync/checksum_ok` (1.0; a failure raises instead), and on
+    receivers `sync/apply_seconds`."""
+
+    def __init__(self, group, src_rank: int, bucket_mb: float = 64, timeout_s: float = 300.0,
+                 device: torch.device | str | None = None, _corrupt_hook: Callable[[int, torch.Tensor], None] | None = None):
+        self.group = group
+        self.src_rank = src_rank
+        self.bucket_bytes = max(_ALIGN, int(bucket_mb * (1 << 20)) // _ALIGN * _ALIGN)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout_s = timeout_s
+        backend = dist.get_backend(group)
+        self.device = torch.device(device if device is not None else ("cuda" if backend == "nccl" else "cpu"))
+        self._corrupt_hook = _corrupt_hook  # test hook on receivers: (bucket index, bucket bytes) after arrival
+        self._sent_hash: int | None = None
+        self._manifest: list[TensorSpec] | None = None
+        self._recv_hash: int | None = None
+        self._flat: torch.Tensor | None = None
+        self._staging: list[torch.Tensor] = []
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _wait(self, work, what: str) -> None:
+        try:
+            ok = work.wait(timeout=self.timeout)
+        except Exception as e:  # gloo raises on timeout / peer loss
+            raise WeightSyncError(f"weight sync: {what} did not complete within {self.timeout_s:.0f}s "
+                                  f"(is every rank of the sync group calling push/receive?): {e}") from e
+        if ok is False:
+            raise WeightSyncError(f"weight sync: {what} did not complete within {self.timeout_s:.0f}s")
+
+    def _bcast(self, t: torch.Tensor, what: str, wait: bool = True):
+        work = dist.broadcast(t, src=self.src_rank, group=self.group, async_op=True)
+        if wait:
+            self._wait(work, what)
+        return work
+
+    def _exchange_outcome(self, bad_bucket: int | None, num_buckets: int, names_bad: bool, apply_failed: bool):
+        code = torch.tensor([0 if bad_bucket is None else num_buckets - bad_bucket, int(names_bad), int(apply_failed)],
+                            dtype=torch.int64, device=self.device)
+        work = dist.all_reduce(code, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self._wait(work, "outcome exchange")
+        code = code.cpu().tolist()
+        return (None if code[0] == 0 else num_buckets - code[0]), bool(code[1]), bool(code[2])
+
+    @staticmethod
+    def _verdict(layout: _Layout, bad_bucket, names_bad, apply_failed, side: str) -> None:
+        if bad_bucket is not None:
+            name = layout.manifest[layout.first_entry_in_bucket(bad_bucket)].name
+            raise WeightSyncError(f"weight sync ({side}): checksum mismatch in bucket {bad_bucket} "
+                                  f"(first tensor {name!r}); the push is aborted")
+        if names_bad:
+            raise WeightSyncError(f"weight sync ({side}): the sampler loaded a different set of tensors than was sent")
+        if apply_failed:
+            raise WeightSyncError(f"weight sync ({side}): a rollout rank failed to load the pushed weights")
+
+    # -- source -------------------------------------------------------------------------------
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | ParamStream) -> dict:
+        """Send every tensor (on `src_rank`). Raises WeightSyncError on any failure, anywhere."""
+        t0 = time.perf_counter()
+        if isinstance(named_tensors, ParamStream):
+            manifest, stream = named_tensors.manifest, iter(named_tensors)
+        else:
+            pairs = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+            manifest, stream = manifest_of(pairs), iter(pairs)
+        layout = _Layout.build(manifest, self.bucket_bytes)
+        digest = manifest_hash(manifest)
+        changed = digest != self._sent_hash
+        header = torch.tensor([_MAGIC, digest, int(changed), self.bucket_bytes], dtype=torch.int64, device=self.device)
+        self._bcast(header, "header broadcast")
+        if changed:
+            obj = [[(s.name, s.shape, s.dtype) for s in manifest]]
+            dist.broadcast_object_list(obj, src=self.src_rank, group=self.group, device=self.device)
+            self._sent_hash = digest
+
+        nb = layout.num_buckets
+        if len(self._staging) != 2 or self._staging[0].numel() < self.bucket_bytes:
+            self._staging = [torch.empty(self.bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        works: list = [None, None]
+        checksums: list[int] = []
+        refused: tuple[int, str] | None = None  # (entry index, reason)
+        entry = 0          # index (in the manifest) of the tensor being packed or next to pack
+        cur_bytes: torch.Tensor | None = None  # that tensor's bytes, while it is being packed
+        cur_pos = 0        # bytes of it already packed
+
+        def take_next_tensor() -> bool:
+            nonlocal cur_bytes, cur_pos, refused
+            spec = layout.manifest[entry]
+            try:
+                name, t = next(stream)
+            except StopIteration:
+                refused = (entry, f"the tensor stream ended before {spec.name!r}")
+                return False
+            if name != spec.name or tuple(t.shape) != spec.shape or t.dtype != spec.torch_dtype:
+                refused = (entry, f"tensor {name!r} {tuple(t.shape)} {t.dtype} does not match the manifest "
+                                  f"entry {spec.name!r} {spec.shape} {spec.dtype}")
+                return False
+            cur_bytes = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            cur_pos = 0
+            return True
+
+        for k in range(nb):
+            lo, hi = layout.bucket_range(k)
+            buf = self._staging[k % 2]
+            if works[k % 2] is not None:  # the buffer's previous bucket must be out before reuse
+                self._wait(works[k % 2], f"bucket {k - 2} broadcast")
+            float_segments = []  # (entry, start in buf, bytes, dtype): checked once the bucket is in flight
+            while refused is None:
+                if cur_bytes is None:
+                    if entry >= len(layout.manifest) or layout.offsets[entry] >= hi:
+                        break  # nothing left, or the next tensor starts in a later bucket
+                    if not take_next_tensor():
+                        break
+                dst = layout.offsets[entry] + cur_pos  # position in the byte stream
+                take = min(cur_bytes.numel() - cur_pos, hi - dst)
+                buf[dst - lo: dst - lo + take].copy_(cur_bytes[cur_pos: cur_pos + take])
+                spec = layout.manifest[entry]
+                if spec.torch_dtype.is_floating_point and take:
+                    float_segments.append((entry, dst - lo, take, spec.torch_dtype))
+                cur_pos += take
+                if cur_pos >= cur_bytes.numel():
+                    cur_bytes, entry = None, entry + 1
+                if dst + take >= hi:
+                    break
+            view = buf[: hi - lo]
+            works[k % 2] = self._bcast(view, f"bucket {k} broadcast", wait=False)
+            # while bucket k travels: its checksum, and the finiteness of what it holds (a bad value
+            # sets `refused`; the trailer then tells the receivers not to load anything)
+            checksums.append(_checksum(view))
+            for e, start, nbytes, dtype in float_segments:
+                lo_v, hi_v = torch.aminmax(buf[start: start + nbytes].view(dtype))  # NaN propagates into both
+                if refused is None and not (torch.isfinite(lo_v) and torch.isfinite(hi_v)):
+                    refused = (e, f"tensor {layout.manifest[e].name!r} holds non-finite values (NaN/Inf); "
+                                  f"refusing to push it")
+
+        for w in works:
+            if w is not None:
+                self._wait(w, "last bucket broadcast")
+        if refused is not None:  # drain the stream: ZeRO-3 gathering is collective across trainer ranks
+            for _ in stream:
+                pass
+        if refused is None:
+            try:  # a stream longer than the manifest is a mismatch too
+                extra = next(stream)
+                refused = (len(layout.manifest) - 1, f"unexpected extra tensor {extra[0]!r} after the manifest")
+            except StopIteration:
+                pass
+        status = 0 if refused is None else 1
+        trailer = torch.tensor([status, refused[0] if refused else -1] + [_to_int64(c) for c in checksums],
+                               dtype=torch.int64, device=self.device)
+        self._bcast(trailer, "checksum broadcast")
+        if refused is not None:
+            self._exchange_outcome(None, nb, False, False)
+            raise WeightSyncError(f"weight sync (sender): {refused[1]}")
+        bad, names_bad, apply_failed = self._exchange_outcome(None, nb, False, False)
+        self._verdict(layout, bad, names_bad, apply_failed, "sender")
+        seconds = time.perf_counter() - t0
+        return {"sync/seconds": seconds, "sync/gbps": layout.total / seconds / 1e9, "sync/bytes": float(layout.total),
+                "sync/num_buckets": float(nb), "sync/checksum_ok": 1.0}
+
+    # -- receivers ----------------------------------------------------------------------------
+    def receive(self, apply_fn: Callable[[list[tuple[str, torch.Tensor]]], Iterable[str] | None]) -> dict:
+        """Receive one push and hand every (name, tensor) to `apply_fn` once, after all checksums
+        matched. The tensors are views of a buffer reused by the next push: copy what you keep.
+        `apply_fn` returns the names it loaded (None = all of them)."""
+        t0 = time.perf_counter()
+        header = torch.zeros(4, dtype=torch.int64, device=self.device)
+        self._bcast(header, "header broadcast (waiting for the trainer's push)")
+        magic, digest, changed, bucket_bytes = header.cpu().tolist()
+        if magic != _MAGIC:
+            raise WeightSyncError(f"weight sync (receiver): bad header {header.tolist()}: the sides are out of step")
+        if changed:
+            obj = [None]
+            dist.broadcast_object_list(obj, src=self.src_rank, group=self.group, device=self.device)
+            self._manifest = [TensorSpec(n, tuple(s), d) for n, s, d in obj[0]]
+            self._recv_hash = digest
+        if self._manifest is None or digest != self._recv_hash:
+            raise WeightSyncError("weight sync (receiver): no manifest for this push (receiver joined late?)")
+        layout = _Layout.build(self._manifest, bucket_bytes)
+        if self._flat is None or self._flat.numel() != layout.total:
+            self._flat = torch.empty(layout.total, dtype=torch.uint8, device=self.device)
+        nb = layout.num_buckets
+        works = []
+        for k in range(nb):
+            lo, hi = layout.bucket_range(k)
+            works.append(self._bcast(self._flat[lo:hi], f"bucket {k} broadcast", wait=False))
+        local: list[int] = []
+        for k in range(nb):
+            self._wait(works[k], f"bucket {k} broadcast")
+            lo, hi = layout.bucket_range(k)
+            if self._corrupt_hook is not None:
+                self._corrupt_hook(k, self._flat[lo:hi])
+            local.append(_checksum(self._flat[lo:hi]))
+        trailer = torch.zeros(2 + nb, dtype=torch.int64, device=self.device)
+        self._bcast(trailer, "checksum broadcast")
+        status, entry, *sent = trailer.cpu().tolist()
+        if status != 0:
+            self._exchange_outcome(None, nb, False, False)
+            name = layout.manifest[entry].name if 0 <= entry < len(layout.manifest) else "?"
+            raise WeightSyncError(f"weight sync (receiver): the trainer refused the push at tensor {name!r}")
+        bad = next((k for k in range(nb) if _to_int64(local[k]) != sent[k]), None)
+        names_bad = apply_failed = False
+        apply_seconds = 0.0
+        error: BaseException | None = None
+        if bad is None:
+            views = [(s.name, self._flat[off: off + s.nbytes].view(s.torch_dtype).view(s.shape))
+                     for s, off in zip(layout.manifest, layout.offsets)]
+            ta = time.perf_counter()
+            try:
+                loaded = apply_fn(views)
+                if loaded is not None:
+                    loaded = set(loaded)
+                    sent_names = {s.name for s in layout.manifest}
+                    if loaded != sent_names:
+                        names_bad = True
+                        diff = sorted(sent_names ^ loaded)
+                        log.error("weight sync: loaded != sent; first difference %r (%d differ)", diff[0], len(diff))
+            except BaseException as e:  # report to everyone, then re-raise below
+                apply_failed, error = True, e
+            apply_seconds = time.perf_counter() - ta
+        bad, names_bad, apply_failed = self._exchange_outcome(bad, nb, names_bad, apply_failed)
+        if error is not None:
+            raise WeightSyncError(f"weight sync (receiver): loading the pushed weights failed: {error}") from error
+        self._verdict(layout, bad, names_bad, apply_failed, "receiver")
+        seconds = time.perf_counter() - t0
+        return {"sync/seconds": seconds, "sync/gbps": layout.total / seconds / 1e9, "sync/bytes": float(layout.total),
+                "sync/num_buckets": float(nb), "sync/checksum_ok": 1.0, "sync/apply_seconds": apply_seconds}
+
+
+# ------------------------------------------------------------------------------------------------
+# Colocated placement and the probe
+# ------------------------------------------------------------------------------------------------
+def local_push(sampler, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
+    """Load weights into a sampler in this process (colocated placement).
+
+    Tensors are copied (the trainer keeps updating its own) and refused when non-finite; the set
+    of names the sampler reports loaded must equal the set handed over."""
+    t0 = time.perf_counter()
+    pairs, nbytes = [], 0
+    for name, t in named_tensors:
+        t = t.detach()
+        if t.is_floating_point() and t.numel():
+            lo, hi = torch.aminmax(t)
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                raise WeightSyncError(f"weight sync: tensor {name!r} holds non-finite values (NaN/Inf); refusing to push it")
+        pairs.append((name, t.clone()))
+        nbytes += t.numel() * t.element_size()
+    sent = {n for n, _ in pairs}
+    loaded = sampler.load_weights(pairs)
+    loaded = sent if loaded is None else set(loaded)
+    if loaded != sent:
+        diff = sorted(sent ^ loaded)
+        raise WeightSyncError(f"weight sync: the sampler loaded a different set of tensors than was sent "
+                              f"(first difference {diff[0]!r}, {len(diff)} differ)")
+    seconds = time.perf_counter() - t0
+    return {"sync/seconds": seconds, "sync/gbps": nbytes / seconds / 1e9, "sync/bytes": float(nbytes),
+            "sync/num_buckets": 0.0, "sync/checksum_ok": 1.0}
+
+
+def probe_abs_diff(sampler, trainer_logprobs_fn: Callable[[list[int], list[int]], torch.Tensor | list[float]],
+                   probe_prompt_ids: list[int], probe_response_ids: list[int], threshold: float | None = None,
+                   temperature: float = 1.0) -> dict:
+    """Mean |sampler log-prob - trainer log-prob| of a fixed sequence after a push.
+
+    `trainer_logprobs_fn(prompt_ids, response_ids)` returns the trainer's log-probs of the
+    response tokens ([T]) at `temperature`. Logs a warning above `threshold`."""
+    sampler_lp = torch.tensor(sampler.score(probe_prompt_ids, probe_response_ids, temperature), dtype=torch.float64)
+    trainer_lp = torch.as_tensor(trainer_logprobs_fn(probe_prompt_ids, probe_response_ids), dtype=torch.float64).reshape(-1)
+    if sampler_lp.shape != trainer_lp.shape:
+        raise WeightSyncError(f"probe: sampler gave {sampler_lp.numel()} log-probs, trainer {trainer_lp.numel()}")
+    diff = float((sampler_lp - trainer_lp).abs().mean()) if sampler_lp.numel() else 0.0
+    if threshold is not None and diff > threshold:
+        log.warning("weight sync probe: sampler/trainer log-prob gap %.4f exceeds %.4f (stale or wrong weights?)",
+                    diff, threshold)
+    return {"sync/probe_abs_diff": diff}

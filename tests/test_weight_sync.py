@@ -1,0 +1,189 @@
+"""WeightBroadcaster over a real 2-process gloo group (spawned processes, 1 thread each).
+
+One pair of processes runs the scenarios in order (the group survives every clean failure, which
+is itself part of what is tested); the hang scenario runs last because it breaks the group.
+Rank 0 = trainer (source), rank 1 = rollout rank (receiver). Both build the same tiny random
+Llama from a seed, so the receiver can check what arrived bit for bit against its own copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+BUCKET_MB = 0.05  # ~52 KB: tensors span buckets, many buckets per push
+HANG_TIMEOUT_S = 4.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _perturb(model, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+
+
+def _expected_first_name_of_bucket(model, bucket: int, bucket_bytes: int) -> str:
+    """Recomputes the layout by hand: tensors at 64-byte aligned offsets in named_parameters order."""
+    pos = 0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if pos + nbytes > bucket * bucket_bytes:
+            return name
+        pos += -(-nbytes // 64) * 64
+    raise AssertionError("bucket beyond the stream")
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+
+    from rlengine.weight_sync import WeightBroadcaster, WeightSyncError, iter_gathered_params, new_sync_group
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    group = new_sync_group([0, 1], timeout_s=HANG_TIMEOUT_S)
+    results: dict = {}
+    model = _tiny_llama(seed=7)
+    received: dict = {}
+
+    def store(pairs):
+        received.clear()
+        received.update({n: t.clone() for n, t in pairs})
+        return [n for n, _ in pairs]
+
+    def record(key, fn):
+        t0 = time.perf_counter()
+        try:
+            results[key] = {"ok": True, "value": fn()}
+        except WeightSyncError as e:
+            results[key] = {"ok": False, "error": str(e)}
+        results[key]["seconds"] = time.perf_counter() - t0
+
+    def identical():
+        sent = dict((n, p.detach()) for n, p in model.named_parameters())
+        return sorted(received) == sorted(sent) and all(torch.equal(received[n], sent[n]) for n in sent)
+
+    if rank == 0:
+        bc = WeightBroadcaster(group, src_rank=0, bucket_mb=BUCKET_MB, timeout_s=HANG_TIMEOUT_S)
+        record("push1", lambda: bc.push(iter_gathered_params(model)))
+        _perturb(model, seed=1)
+        record("push2", lambda: bc.push(iter_gathered_params(model)))
+        record("names", lambda: bc.push(iter_gathered_params(model)))
+        record("corrupt", lambda: bc.push(iter_gathered_params(model)))
+        bad_name = "model.layers.1.mlp.up_proj.weight"
+        original = model.get_parameter(bad_name)[3, 5].item()
+        with torch.no_grad():
+            model.get_parameter(bad_name)[3, 5] = float("nan")
+        record("nonfinite", lambda: bc.push(iter_gathered_params(model)))
+        with torch.no_grad():
+            model.get_parameter(bad_name)[3, 5] = original
+        record("after_failures", lambda: bc.push(iter_gathered_params(model)))
+        record("hang", lambda: bc.push(iter_gathered_params(model)))
+        results["expected_corrupt_name"] = _expected_first_name_of_bucket(model, 2, bc.bucket_bytes)
+    else:
+        flips = {"on": False}
+
+        def corrupt(k, buf):
+            if flips["on"] and k == 2:
+                buf[10] ^= 0xFF
+
+        bc = WeightBroadcaster(group, src_rank=0, bucket_mb=BUCKET_MB, timeout_s=HANG_TIMEOUT_S, _corrupt_hook=corrupt)
+        record("push1", lambda: bc.receive(store))
+        results["push1_identical"] = identical()
+        _perturb(model, seed=1)
+        record("push2", lambda: bc.receive(store))
+        results["push2_identical"] = identical()
+        record("names", lambda: bc.receive(lambda pairs: [n for n, _ in pairs][1:]))  # "forgets" one tensor
+        flips["on"] = True
+        calls = {"n": 0}
+
+        def count(pairs):
+            calls["n"] += 1
+            return store(pairs)
+
+        record("corrupt", lambda: bc.receive(count))
+        flips["on"] = False
+        record("nonfinite", lambda: bc.receive(count))
+        results["apply_calls_on_failures"] = calls["n"]
+        record("after_failures", lambda: bc.receive(store))
+        results["after_failures_identical"] = identical()
+        time.sleep(HANG_TIMEOUT_S + 6)  # never calls receive(): the trainer's push must time out
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f, default=str)
+    os._exit(0)  # the hang scenario leaves gloo work pending: skip destroy_process_group
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wsync")
+    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_push_is_bit_identical_and_reports_metrics(runs):
+    sender, receiver = runs
+    assert sender["push1"]["ok"] and receiver["push1"]["ok"], (sender["push1"], receiver["push1"])
+    assert receiver["push1_identical"] and receiver["push2_identical"]
+    m = sender["push1"]["value"]
+    assert m["sync/checksum_ok"] == 1.0 and m["sync/num_buckets"] > 5 and m["sync/bytes"] > 0
+    assert m["sync/gbps"] == pytest.approx(m["sync/bytes"] / m["sync/seconds"] / 1e9, rel=1e-6)
+    assert receiver["push2"]["value"]["sync/checksum_ok"] == 1.0
+
+
+def test_loaded_names_must_equal_sent_names_on_both_sides(runs):
+    for side in runs:
+        assert not side["names"]["ok"]
+        assert "different set of tensors" in side["names"]["error"]
+
+
+def test_corrupted_bucket_is_caught_naming_the_tensor_on_both_sides(runs):
+    sender, receiver = runs
+    expected = sender["expected_corrupt_name"]
+    for side in (sender, receiver):
+        assert not side["corrupt"]["ok"]
+        assert "checksum mismatch in bucket 2" in side["corrupt"]["error"]
+        assert repr(expected) in side["corrupt"]["error"]
+
+
+def test_non_finite_tensor_is_refused_and_never_applied(runs):
+    sender, receiver = runs
+    for side in (sender, receiver):
+        assert not side["nonfinite"]["ok"]
+        assert "'model.layers.1.mlp.up_proj.weight'" in side["nonfinite"]["error"]
+    assert "non-finite" in sender["nonfinite"]["error"]
+    assert receiver["apply_calls_on_failures"] == 0  # neither the corrupt nor the refused push was loaded
+
+
+def test_group_survives_failures(runs):
+    sender, receiver = runs
+    assert sender["after_failures"]["ok"] and receiver["after_failures"]["ok"]
+    assert receiver["after_failures_identical"]
+
+
+def test_push_to_a_silent_receiver_times_out_with_a_clear_error(runs):
+    hang = runs[0]["hang"]
+    assert not hang["ok"]
+    assert "did not complete within" in hang["error"]
+    assert hang["seconds"] < HANG_TIMEOUT_S * 2 + 2, hang

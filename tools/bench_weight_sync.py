@@ -1,0 +1,111 @@
+"""Benchmark: a full weight push of the embedded default through rlengine's path vs one raw broadcast.
+
+Two spawned processes on loopback, one gloo group, 1 thread each. Per repeat, on the same group:
+  raw       one `dist.broadcast` of a single flat uint8 tensor holding as many bytes as the push
+  rlengine  `WeightBroadcaster.push(iter_gathered_params(model))` -> `.receive(apply_fn)` with an
+            apply_fn that only reports the names (the transport path: packing, finiteness check,
+            checksums on both sides, verification, outcome exchange; not a sampler's reload)
+Medians over the repeats; the target is rlengine >= 80% of raw.
+
+    python tools/bench_weight_sync.py [--model embedded] [--dtype fp32] [--bucket-mb 64] [--repeats 5]
+
+Last stdout line: {"raw": {"gbps": ...}, "rlengine": {"gbps": ..., "seconds": ...}, ...}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+
+    from rlengine.model import resolve_model_path
+    from rlengine.weight_sync import WeightBroadcaster, iter_gathered_params, new_sync_group
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300))
+    group = new_sync_group([0, 1], timeout_s=300)
+    bc = WeightBroadcaster(group, src_rank=0, bucket_mb=args.bucket_mb, timeout_s=300)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = None
+    if rank == 0:  # the real policy module, as the trainer holds it
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=dtype)
+        nbytes = torch.tensor([sum(p.numel() * p.element_size() for p in model.parameters())])
+    else:
+        nbytes = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(nbytes, src=0, group=group)
+    flat = torch.zeros(int(nbytes), dtype=torch.uint8)
+
+    def stream():
+        return iter_gathered_params(model)
+
+    raw, ours = [], []
+    for rep in range(args.repeats + 1):  # repeat 0 warms up both paths
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        dist.broadcast(flat, src=0, group=group)
+        t_raw = time.perf_counter() - t0
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        metrics = bc.push(stream()) if rank == 0 else bc.receive(lambda pairs: [n for n, _ in pairs])
+        t_ours = time.perf_counter() - t0
+        if rep:
+            raw.append(t_raw)
+            ours.append((t_ours, metrics))
+    if rank == 0:
+        pushed = ours[0][1]["sync/bytes"]
+        raw_s = statistics.median(raw)
+        our_s = statistics.median(t for t, _ in ours)
+        result = {"raw": {"gbps": float(nbytes) / raw_s / 1e9, "seconds": raw_s, "bytes": int(nbytes)},
+                  "rlengine": {"gbps": pushed / our_s / 1e9, "seconds": our_s, "bytes": int(pushed),
+                               "num_buckets": int(ours[0][1]["sync/num_buckets"])},
+                  "ratio": (pushed / our_s) / (float(nbytes) / raw_s),
+                  "config": {"model": args.model, "dtype": args.dtype, "bucket_mb": args.bucket_mb,
+                             "repeats": args.repeats, "threads_per_rank": 1}}
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    dist.barrier(group=group)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--bucket-mb", type=float, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.start_processes(_worker, args=(_free_port(), args, out), nprocs=2, join=True, start_method="spawn")
+        with open(out) as f:
+            result = json.load(f)
+    print(f"raw broadcast {result['raw']['gbps']:.2f} GB/s | rlengine push {result['rlengine']['gbps']:.2f} GB/s "
+          f"({result['rlengine']['seconds']:.3f} s, {result['rlengine']['num_buckets']} buckets) | "
+          f"ratio {result['ratio']:.2f}", file=sys.stderr)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
