@@ -1,0 +1,123 @@
+"""Named rewards: the registry, the built-ins and user rewards.
+
+A reward is a function `(text: str, ground_truth: str) -> float | dict[str, float]`. A dict holds
+the total under "reward" plus named parts (logged separately by the trainer). Add one with
+
+    @register_reward("my_reward", parts=("a", "b"))
+    def my_reward(text, ground_truth): ...
+
+or name it as `module:function` in the config (imported on first use). Built-ins:
+  format         the gate paper's format tiers (1 / 0.5 / 0.25 / 0)
+  answer         1 if the last <answer> block equals the ground truth (math-verify)
+  boxed          1 if the last \\boxed{} equals the ground truth (DGPO's binary reward)
+  answer_format  answer + format (the gate paper's r), parts "answer" and "format"
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from rlengine.rewards.format import format_reward
+from rlengine.rewards.math_answer import math_reward
+
+RewardFn = Callable[[str, str], "float | dict[str, float]"]
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """A resolved reward: the function, its declared parts and how a worker process re-finds it."""
+
+    name: str
+    fn: RewardFn
+    parts: tuple[str, ...] = ()
+    ref: str = ""  # "module:qualname" (importable in a fresh process)
+
+    def __call__(self, text: str, ground_truth: str) -> dict[str, float]:
+        return as_detailed(self.fn(text, ground_truth))
+
+    def zero(self) -> dict[str, float]:
+        """The detailed score of an item that failed (timeout, error): 0 for the total and parts."""
+        return {"reward": 0.0, **{part: 0.0 for part in self.parts}}
+
+
+REWARDS: dict[str, RewardSpec] = {}
+
+
+def as_detailed(value) -> dict[str, float]:
+    """Normalise a reward function's return value to `{"reward": total, part: value, ...}`."""
+    if isinstance(value, dict):
+        if "reward" not in value:
+            raise ValueError(f"a reward returning a dict must include 'reward'; got keys {sorted(value)}")
+        return {key: float(v) for key, v in value.items()}
+    return {"reward": float(value)}
+
+
+def _ref_of(fn: Callable) -> str:
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def register_reward(name: str, parts: tuple[str, ...] = ()) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding `fn` to REWARDS under `name` (re-registering the same function is allowed)."""
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        existing = REWARDS.get(name)
+        if existing is not None and existing.ref != _ref_of(fn):
+            raise ValueError(f"reward {name!r} is already registered by {existing.ref}")
+        REWARDS[name] = RewardSpec(name=name, fn=fn, parts=tuple(parts), ref=_ref_of(fn))
+        return fn
+
+    return decorator
+
+
+def _import_ref(ref: str) -> Callable:
+    module_name, _, qualname = ref.partition(":")
+    if not module_name or not qualname:
+        raise ValueError(f"reward reference {ref!r} must look like 'package.module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"reward {ref!r}: cannot import module {module_name!r} ({exc})") from exc
+    for attr in qualname.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            raise ValueError(f"reward {ref!r}: {module_name!r} has no attribute {qualname!r}") from None
+    if not callable(obj):
+        raise ValueError(f"reward {ref!r} is not callable")
+    return obj
+
+
+def get_reward(name: str) -> RewardSpec:
+    """Resolve a registry name or a `module:function` reference; ValueError lists valid names."""
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" in name:
+        fn = _import_ref(name)
+        for spec in REWARDS.values():  # a decorated function named by its module path
+            if spec.fn is fn:
+                return spec
+        return RewardSpec(name=name, fn=fn, parts=(), ref=name)
+    raise ValueError(f"unknown reward {name!r}; valid: {sorted(REWARDS)} or 'module:function'")
+
+
+@register_reward("format")
+def format_only(text: str, ground_truth: str) -> float:
+    return format_reward(text)
+
+
+@register_reward("answer")
+def answer_only(text: str, ground_truth: str) -> float:
+    return math_reward(text, ground_truth, extract="answer")
+
+
+@register_reward("boxed")
+def boxed_only(text: str, ground_truth: str) -> float:
+    return math_reward(text, ground_truth, extract="boxed")
+
+
+@register_reward("answer_format", parts=("answer", "format"))
+def answer_plus_format(text: str, ground_truth: str) -> dict[str, float]:
+    answer = math_reward(text, ground_truth, extract="answer")
+    fmt = format_reward(text)
+    return {"reward": answer + fmt, "answer": answer, "format": fmt}
