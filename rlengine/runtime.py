@@ -1,0 +1,57 @@
+"""Process set-up: which accelerator we run on, how many CPU threads a process may use, which
+torch.distributed backend to ask for.
+
+Why threads matter: on a CPU host every torch process defaults to one OpenMP thread per core, and as
+soon as two such processes (two ranks, trainer + sampler, reward workers) share the cores, each slows
+down 20-50x (oversubscription). `configure_process` divides the cores among the processes the
+launcher started on this host (`LOCAL_WORLD_SIZE`), and sets `DS_ACCELERATOR=cpu` when there is no
+GPU so DeepSpeed never guesses.
+"""
+from __future__ import annotations
+
+import os
+
+
+def detect_accelerator() -> str:
+    """"cuda" when torch sees a CUDA device, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dist_backend(accelerator: str | None = None) -> str:
+    """torch.distributed backend for the accelerator: "nccl" on CUDA, "gloo" on CPU."""
+    return "nccl" if (accelerator or detect_accelerator()) == "cuda" else "gloo"
+
+
+def threads_per_process(local_world_size: int | None = None, cpu_count: int | None = None) -> int:
+    """Cores on this host divided among its `local_world_size` processes (at least 1)."""
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local_world_size < 1:
+        raise ValueError(f"local_world_size must be >= 1, got {local_world_size}")
+    cores = cpu_count if cpu_count is not None else _usable_cores()
+    return max(1, cores // local_world_size)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def configure_process(local_world_size: int | None = None, threads: int | None = None) -> int:
+    """Prepare this process to run: on CPU set `DS_ACCELERATOR=cpu` (effective when called before
+    deepspeed is imported) and limit torch / OpenMP to this process's share of the cores. `threads`
+    overrides the computed share. Returns the thread count chosen (on CUDA: the same share, used by
+    the CPU-side work)."""
+    accelerator = detect_accelerator()
+    if accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    count = int(threads) if threads else threads_per_process(local_world_size)
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    import torch
+
+    torch.set_num_threads(count)
+    return count
