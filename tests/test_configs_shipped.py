@@ -1,0 +1,156 @@
+"""Every shipped config under configs/ loads, validates, and says what the papers say.
+
+The numbers asserted here are typed from /work/shared/papers.md (and the papers' texts), not read
+back from the YAML files, so an edit that drifts from the papers fails.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlengine import losses
+from rlengine.config import load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+PER_LOSS = ["grpo", "cispo", "gppo", "ce_gppo", "aspo", "sapo_sigmoid", "sapo_erf", "sapo_arctan", "sapo_softsign",
+            "dgpo"]
+GATE_PAPER = ["gate_paper_qwen2.5_7b_erf", "gate_paper_qwen2.5_7b_grpo"]
+DGPO_PAPER = {"1.5b": 1.5, "7b": 7.0, "14b": 14.0}
+
+
+def all_config_files() -> list[Path]:
+    return sorted(CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", all_config_files(), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    # the resolved config (what the trainer writes to <out>/config.yaml) is itself a valid config
+    resolved = to_dict(cfg)
+    tmp = tmp_path / "resolved.yaml"
+    tmp.write_text(yaml.safe_dump(resolved))
+    assert to_dict(load_config(tmp)) == resolved
+
+
+def test_the_listed_configs_all_exist():
+    names = {p.stem for p in all_config_files()}
+    missing = set(PER_LOSS + GATE_PAPER + [f"dgpo_r1_distill_{k}" for k in DGPO_PAPER]) - names
+    assert not missing
+
+
+# ----------------------------------------------------------------------------- per-loss configs
+
+EXPECTED_LOSS = {
+    "grpo": ("grpo", {"clip_c": 3.0}),
+    "cispo": ("cispo", {}),
+    "gppo": ("gppo", {"clip_c": 3.0}),
+    "ce_gppo": ("ce_gppo", {"beta1": 0.5, "beta2": 1.0, "clip_c": 10.0}),
+    "aspo": ("aspo", {"clip_c": 3.0}),
+    "sapo_sigmoid": ("sapo", {"gate": "sigmoid", "tau_pos": 10.0, "tau_neg": 12.0}),
+    "sapo_erf": ("sapo", {"gate": "erf", "tau_pos": 10.0, "tau_neg": 12.0}),
+    "sapo_arctan": ("sapo", {"gate": "arctan", "tau_pos": 10.0, "tau_neg": 12.0}),
+    "sapo_softsign": ("sapo", {"gate": "softsign", "tau_pos": 10.0, "tau_neg": 12.0}),
+    "dgpo": ("dgpo", {"n": 2.0, "m": 2.0}),
+}
+
+
+@pytest.mark.parametrize("name", PER_LOSS)
+def test_per_loss_config_is_the_default_setup_with_that_loss(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    default = load_config(CONFIGS / "default.yaml")
+    loss_name, params = EXPECTED_LOSS[name]
+    assert cfg.loss.name == loss_name
+    for k, v in params.items():
+        assert cfg.loss.params[k] == v, k
+    assert cfg.loss.params["eps_low"] == 0.2 and cfg.loss.params["eps_high"] == 0.2
+    assert cfg.loss.agg == ("seq-mean-token-mean" if loss_name == "sapo" else "token-mean")
+    assert cfg.run.output_dir == f"runs/{name}"
+    a, b = to_dict(cfg), to_dict(default)
+    for d in (a, b):
+        d.pop("loss")
+        d["run"].pop("output_dir")
+    assert a == b, (f"configs/{name}.yaml drifted from configs/default.yaml outside the loss section: "
+                    f"{ {k: (a[k], b[k]) for k in a if a[k] != b[k]} }")
+
+
+def test_per_loss_configs_cover_every_registered_loss_and_gate():
+    names = {load_config(CONFIGS / f"{n}.yaml").loss.name for n in PER_LOSS}
+    assert names == set(losses.LOSSES)
+    gates = {load_config(CONFIGS / f"{n}.yaml").loss.params["gate"] for n in PER_LOSS if n.startswith("sapo_")}
+    assert gates == set(losses.GATES)
+
+
+# ----------------------------------------------------------------------------- the gate paper
+
+@pytest.mark.parametrize("name", GATE_PAPER)
+def test_gate_paper_setup(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    world = 8                                                         # 8 x A100
+    per_device, grad_accum = 1, 16
+    assert cfg.model.path == "Qwen/Qwen2.5-7B-Instruct" and cfg.model.dtype == "bf16"
+    assert [(s.preset, s.split, s.weight) for s in cfg.data.mixture] == [("gsm8k", "train", 1.0),
+                                                                          ("deepmath", "train", 1.0)]
+    assert cfg.rollout.group_size == 8
+    assert cfg.data.max_prompt_tokens == 1536 and cfg.rollout.max_new_tokens == 512
+    assert cfg.train.micro_batch_size == per_device
+    mini = cfg.train.mini_batch_prompts or cfg.rollout.prompts_per_step
+    # sequences per optimizer update = per-device batch x accumulation x GPUs = 128
+    assert mini * cfg.rollout.group_size == per_device * grad_accum * world == 128
+    # the accumulation the trainer derives (train.py): prompts per rank x group / micro batch
+    assert (mini // world) * cfg.rollout.group_size // cfg.train.micro_batch_size == grad_accum
+    updates_per_step = cfg.train.num_iterations * (cfg.rollout.prompts_per_step // mini)
+    assert cfg.train.num_iterations == 2 and updates_per_step == 2
+    assert cfg.run.total_steps * updates_per_step == 5000             # optimizer steps
+    t = cfg.train
+    assert (t.lr, t.lr_schedule, t.warmup_steps, t.min_lr_ratio) == (1e-6, "linear", 0, 0.0)
+    assert t.betas == [0.9, 0.999] and t.adam_eps == 1e-8
+    assert cfg.reward.name == "answer_format" and cfg.data.system_prompt == "think_answer"
+    if name.endswith("_erf"):
+        assert cfg.loss.name == "sapo" and cfg.loss.params["gate"] == "erf"
+        assert (cfg.loss.params["tau_pos"], cfg.loss.params["tau_neg"]) == (10.0, 12.0)
+        assert cfg.loss.agg == "seq-mean-token-mean"
+    else:
+        assert cfg.loss.name == "grpo" and cfg.loss.params["eps_low"] == cfg.loss.params["eps_high"] == 0.2
+
+
+def test_gate_paper_switching_the_gate_is_one_override():
+    for gate in losses.GATES:
+        cfg = load_config(CONFIGS / "gate_paper_qwen2.5_7b_erf.yaml", [f"loss.gate={gate}"])
+        assert cfg.loss.params["gate"] == gate
+
+
+# ----------------------------------------------------------------------------- DGPO
+
+@pytest.mark.parametrize("size", list(DGPO_PAPER))
+def test_dgpo_paper_setup(size):
+    cfg = load_config(CONFIGS / f"dgpo_r1_distill_{size}.yaml")
+    params = DGPO_PAPER[size]
+    assert cfg.model.path == f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{size.upper()}"
+    assert cfg.model.dtype == "bf16"
+    assert cfg.data.preset == "dapo" and "DAPO-Math-17k" in cfg.data.path
+    assert cfg.rollout.prompts_per_step == 512 and cfg.train.mini_batch_prompts == 32
+    assert cfg.train.num_iterations * cfg.rollout.prompts_per_step // cfg.train.mini_batch_prompts == 16
+    assert cfg.rollout.max_new_tokens == 8192
+    assert cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0
+    assert cfg.train.kl_coef == 0.0 and cfg.train.grad_clip == 1.0
+    assert cfg.train.lr_schedule == "constant" and cfg.train.warmup_steps == 0
+    assert cfg.run.seed == 42 and cfg.data.seed == 42
+    assert cfg.reward.name == "boxed" and cfg.data.system_prompt == "boxed"
+    assert cfg.loss.name == "dgpo" and cfg.loss.agg == "token-mean"
+    assert cfg.loss.params["eps_low"] == cfg.loss.params["eps_high"] == 0.2
+    assert (cfg.loss.params["n"], cfg.loss.params["m"]) == ((2.0, 2.0) if size == "1.5b" else (1.0, 2.0))
+    base = load_config(CONFIGS / "dgpo_r1_distill_1.5b.yaml").train.lr
+    assert math.isclose(cfg.train.lr, base * math.sqrt(1.5 / params), rel_tol=1e-3)
+
+
+def test_multinode_hostfile_matches_the_dgpo_mini_batch():
+    lines = [ln.split("#")[0].split() for ln in (ROOT / "launch" / "hosts.multinode.example").read_text().splitlines()]
+    hosts = [ln for ln in lines if ln]
+    assert len(hosts) > 1 and all(h[1].startswith("slots=") for h in hosts)
+    world = sum(int(h[1].split("=")[1]) for h in hosts)
+    cfg = load_config(CONFIGS / "dgpo_r1_distill_7b.yaml")
+    assert cfg.train.mini_batch_prompts % world == 0  # the trainer splits a mini-batch's prompts across ranks

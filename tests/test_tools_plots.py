@@ -1,0 +1,270 @@
+"""tools/plot_scatter.py, tools/plot_curves.py and their helpers (tools/_plotting.py).
+
+The run directories come from the `run_dir` / `second_run_dir` fixtures (a synthetic run in the
+exact RUNDIR.md format whose weights come from the real loss zoo); swap them for real runs and
+every test still applies. Expected values are computed here independently: hand formulas from
+papers.md, the region thresholds, a hand EMA.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import _plotting as P  # noqa: E402
+import plot_curves  # noqa: E402
+import plot_scatter  # noqa: E402
+from tests.test_tools_synthetic import run_dir, second_run_dir  # noqa: E402,F401  (fixtures)
+
+
+def _axes(fig, prefix: str) -> dict:
+    return {ax.get_label(): ax for ax in fig.axes if ax.get_label().startswith(prefix)}
+
+
+def _png_is_a_picture(path: Path) -> None:
+    from matplotlib.image import imread
+
+    img = imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    assert img[..., :3].std() > 0.05  # not blank
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_parse_steps():
+    assert P.parse_steps(None) == (None, None)
+    assert P.parse_steps("10:50") == (10, 50)
+    assert P.parse_steps("10:") == (10, None)
+    assert P.parse_steps(":5") == (None, 5)
+    assert P.parse_steps("7") == (7, 7)
+    with pytest.raises(ValueError, match="--steps"):
+        P.parse_steps("a:b")
+
+
+def test_ema_matches_hand_computation():
+    # weight 0.5: acc = .5, norm = .5 -> 1; acc = .25 + 1.5 = 1.75, norm = .75 -> 7/3; NaN skipped
+    out = P.ema([1.0, 3.0, float("nan"), 3.0], 0.5)
+    assert out[0] == pytest.approx(1.0) and out[1] == pytest.approx(7 / 3) and math.isnan(out[2])
+    assert out[3] == pytest.approx((0.5 * 1.75 + 1.5) / (0.5 * 0.75 + 0.5))
+    assert np.allclose(P.ema([2.0, 5.0], 0.0), [2.0, 5.0])
+    with pytest.raises(ValueError):
+        P.ema([1.0], 1.0)
+
+
+def test_loss_specs():
+    spec = P.parse_loss_spec("sapo_erf")
+    assert (spec.name, spec.params) == ("sapo", {"gate": "erf"})
+    spec = P.parse_loss_spec("dgpo:n=2,m=3")
+    assert (spec.name, spec.params) == ("dgpo", {"n": 2, "m": 3})
+    spec = P.parse_loss_spec("sapo_arctan:tau_pos=10")
+    assert spec.params == {"gate": "arctan", "tau_pos": 10}
+    with pytest.raises(ValueError, match="unknown loss"):
+        P.parse_loss_spec("nope")
+    with pytest.raises(ValueError, match="clip_c"):
+        P.parse_loss_spec("dgpo:clip_c=3")
+
+
+def test_recompute_weights_follow_the_formula_sheet():
+    low, high = 0.8, 1.2
+    r = np.array([0.5, 0.5, 1.0, 1.5, 1.5, 4.0])
+    a = np.array([-1.0, 1.0, 1.0, 1.0, -1.0, -1.0])
+    regions = ["LN", "LP", "M", "HP", "HN", "HN"]
+    rel, reg = P.recompute_weights(P.parse_loss_spec("grpo"), r, a, 0.2, 0.2)
+    assert list(reg) == regions
+    assert np.allclose(rel, [0, 1, 1, 0, 1, 0])                        # dual clip c = 3 zeroes r = 4
+    rel, _ = P.recompute_weights(P.parse_loss_spec("cispo"), r, a, 0.2, 0.2)
+    assert np.allclose(rel, [low / 0.5, low / 0.5, 1, high / 1.5, high / 1.5, high / 4.0])
+    rel, _ = P.recompute_weights(P.parse_loss_spec("dgpo:n=2,m=2"), r, a, 0.2, 0.2)
+    assert np.allclose(rel, [(0.5 / low) ** 2, 1, 1, (high / 1.5) ** 0.5, 1, 1])
+    rel, _ = P.recompute_weights(P.parse_loss_spec("sapo:gate=erf,tau_pos=10,tau_neg=12"), r, a, 0.2, 0.2)
+    tau = np.where(a > 0, 10.0, 12.0)
+    assert np.allclose(rel, np.exp(-tau ** 2 * (r - 1) ** 2 / 2), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- reading a run
+
+def test_read_metrics_jsonl_and_tensorboard_agree(run_dir, tmp_path):
+    from_jsonl = P.read_metrics(run_dir)
+    assert list(from_jsonl["step"]) == sorted(from_jsonl["step"]) and len(from_jsonl) > 1
+    tb_only = tmp_path / "tb_only"
+    shutil.copytree(run_dir / "tb", tb_only / "tb")
+    from_tb = P.read_metrics(tb_only)
+    assert list(from_tb["step"]) == list(from_jsonl["step"])
+    for key in ("reward/mean", "eur", "entropy", "frac_LN"):
+        assert np.allclose(from_tb[key], from_jsonl[key], rtol=1e-6), key  # TB stores float32
+
+
+def test_read_metrics_errors_and_torn_last_line(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        P.read_metrics(run)
+    (run / "metrics.jsonl").write_text('{"step": 1, "eur": 1.0}\n{"step": 2, "eur": 0.5}\n{"step": 3, "eu')
+    assert list(P.read_metrics(run)["step"]) == [1, 2]               # a killed run's torn line
+    (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        P.read_metrics(run)
+    # a resumed run that re-logged a step keeps the last record
+    (run / "metrics.jsonl").write_text('{"step": 1, "eur": 1.0}\n{"step": 1, "eur": 0.25}\n')
+    assert list(P.read_metrics(run)["eur"]) == [0.25]
+
+
+def test_read_tokens_filters_and_validates(run_dir, tmp_path):
+    all_tokens = P.read_tokens(run_dir)
+    steps = sorted(all_tokens["step"].unique())
+    assert len(steps) >= 2
+    late = P.read_tokens(run_dir, steps[-1], None)
+    assert set(late["step"]) == {steps[-1]}
+    last = P.read_tokens(run_dir, last_update_only=True)
+    assert (last.groupby("step")["update"].nunique() == 1).all()
+    assert (last.groupby("step")["update"].max() == all_tokens.groupby("step")["update"].max()).all()
+    with pytest.raises(FileNotFoundError, match="no per-token dumps"):
+        P.read_tokens(run_dir, 10_000, None)
+    bad = tmp_path / "bad"
+    (bad / "tokens").mkdir(parents=True)
+    all_tokens.drop(columns=["ratio"]).to_parquet(bad / "tokens" / "step_000001.parquet")
+    with pytest.raises(ValueError, match=r"step_000001.parquet: missing column\(s\) ratio"):
+        P.read_tokens(bad)
+
+
+def test_dumped_weights_agree_with_the_loss_zoo(run_dir):
+    """The run's own loss recomputed from (ratio, advantage) gives the dumped rel_weight and region."""
+    tokens = P.read_tokens(run_dir)
+    spec = P.run_loss_spec(run_dir, tokens)
+    eps_low, eps_high = float(tokens["eps_low"].iloc[0]), float(tokens["eps_high"].iloc[0])
+    rel, regions = P.recompute_weights(spec, tokens["ratio"].to_numpy(), tokens["advantage"].to_numpy(),
+                                       eps_low, eps_high)
+    assert np.allclose(rel, tokens["rel_weight"].to_numpy(), rtol=1e-4, atol=1e-5)
+    assert (regions == tokens["region"].to_numpy()).mean() > 0.999     # float32 ratios at the boundary
+
+
+# ----------------------------------------------------------------------------- plot_scatter
+
+def test_joint_figure_has_log_axes_bounds_and_all_regions(run_dir):
+    tokens = P.read_tokens(run_dir)
+    fig = plot_scatter.joint_figure(tokens, "run")
+    panels = _axes(fig, "joint:")
+    assert set(panels) == {"joint:pos", "joint:neg"}
+    texts = []
+    for name, ax in panels.items():
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+        hlines = sorted(round(line.get_ydata()[0], 6) for line in ax.get_lines())
+        assert hlines == [0.8, 1.2]                                   # L and U
+        texts += [t.get_text() for t in ax.texts]
+        # every plotted token of that sign is in the hexbin
+        counts = ax.collections[0].get_array().sum()
+        sign = tokens["advantage"] > 0 if name.endswith("pos") else tokens["advantage"] <= 0
+        assert counts == int(sign.sum())
+    labels = {t.split()[0]: float(t.split()[1].rstrip("%")) for t in texts}
+    assert set(labels) == {"M", "LN", "HP", "LP", "HN"}
+    for region in ("LN", "HP", "LP", "HN"):
+        assert labels[region] == pytest.approx((tokens["region"] == region).mean() * 100, abs=0.051)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_weights_figure_shows_each_loss_weights(run_dir):
+    import matplotlib.pyplot as plt
+
+    tokens = P.read_tokens(run_dir)
+    specs = [P.parse_loss_spec("grpo"), P.parse_loss_spec("dgpo:n=2,m=2")]
+    fig = plot_scatter.weights_figure(tokens, specs, "run", max_points=10**9)
+    panels = _axes(fig, "weights:")
+    assert len(panels) == 4
+    grpo = panels["weights:grpo:ratio"]
+    ys = np.concatenate([c.get_offsets()[:, 1] for c in grpo.collections])
+    xs = np.concatenate([c.get_offsets()[:, 0] for c in grpo.collections])
+    assert len(ys) == len(tokens)
+    boundary = ((xs < 0.8) | (xs > 1.2)) & (ys != 1.0)
+    assert np.all(ys[boundary] == 0.0)                                # GRPO: clipped tokens get no gradient
+    dg = panels["weights:dgpo:n=2,m=2:ratio"]
+    for c in dg.collections:
+        x, y = c.get_offsets()[:, 0], c.get_offsets()[:, 1]
+        low = x < 0.8
+        # DGPO relative weights stay in (0, 1]: they decay, never diverge
+        assert np.all((y > 0) & (y <= 1 + 1e-6)) or np.all(~low)
+    plt.close(fig)
+
+
+def test_ratios_figure_overlays_runs(run_dir, second_run_dir):
+    import matplotlib.pyplot as plt
+
+    sets = [P.read_tokens(run_dir), P.read_tokens(second_run_dir)]
+    fig = plot_scatter.ratios_figure(sets, ["a", "b"])
+    for name, ax in _axes(fig, "ratios:").items():
+        assert ax.get_xscale() == "log"
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend[0].startswith("a (") and legend[1].startswith("b (")
+        vlines = sorted(round(line.get_xdata()[0], 6) for line in ax.get_lines())
+        assert vlines == [0.8, 1.2]                                    # L and U (shared by both runs)
+        for text, t in zip(legend, sets):
+            pos = t["advantage"] > 0 if name.endswith("pos") else t["advantage"] <= 0
+            outside = ((t["ratio"] < 0.8) | (t["ratio"] > 1.2))[pos].mean() * 100
+            assert f"n={int(pos.sum())}," in text and f"{outside:.1f}% outside" in text
+    plt.close(fig)
+
+
+def test_plot_scatter_cli_writes_every_format(run_dir, second_run_dir, tmp_path):
+    stem = tmp_path / "out" / "scatter"
+    rc = plot_scatter.main([str(run_dir), str(second_run_dir), "--loss", "grpo", "--loss", "sapo_erf",
+                            "--out", str(stem), "--format", "png", "svg", "--steps", "4:"])
+    assert rc == 0
+    names = sorted(p.name for p in stem.parent.iterdir())
+    assert names == sorted(["scatter_joint_grpo_run.png", "scatter_joint_grpo_run.svg", "scatter_joint_dgpo_run.png",
+                            "scatter_joint_dgpo_run.svg", "scatter_weights.png", "scatter_weights.svg",
+                            "scatter_ratios.png", "scatter_ratios.svg"])
+    for p in stem.parent.glob("*.png"):
+        _png_is_a_picture(p)
+    rc = plot_scatter.main([str(run_dir), "--plots", "weights", "--out", str(tmp_path / "w"), "--format", "pdf"])
+    assert rc == 0 and (tmp_path / "w_weights.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_plot_scatter_cli_errors(run_dir, tmp_path, capsys):
+    assert plot_scatter.main([str(tmp_path / "missing")]) == 2
+    assert "no per-token dumps" in capsys.readouterr().err
+    assert plot_scatter.main([str(run_dir), "--plots", "joint,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert plot_scatter.main([str(run_dir), "--format", "gif"]) == 2
+
+
+# ----------------------------------------------------------------------------- plot_curves
+
+def test_curves_figure_plots_the_smoothed_metrics(run_dir, second_run_dir):
+    import matplotlib.pyplot as plt
+
+    frames = [P.read_metrics(run_dir), P.read_metrics(second_run_dir)]
+    metrics = ["reward/mean", "entropy", "eur", "not_logged"]
+    fig = plot_curves.curves_figure(frames, ["A", "B"], metrics, smooth=0.6)
+    panels = _axes(fig, "curve:")
+    assert set(panels) == {"curve:reward/mean", "curve:entropy", "curve:eur"}   # absent metric: no panel
+    for metric in ("reward/mean", "eur"):
+        lines = {l.get_label(): l for l in panels[f"curve:{metric}"].get_lines() if not l.get_label().startswith("_")}
+        for label, df in zip(("A", "B"), frames):
+            # hand EMA, independent of P.ema
+            acc, norm, want = 0.0, 0.0, []
+            for v in df[metric]:
+                acc, norm = 0.6 * acc + 0.4 * v, 0.6 * norm + 0.4
+                want.append(acc / norm)
+            assert np.allclose(lines[label].get_ydata(), want)
+            assert np.array_equal(lines[label].get_xdata(), df["step"].to_numpy(dtype=float))
+    plt.close(fig)
+
+
+def test_plot_curves_cli(run_dir, second_run_dir, tmp_path, capsys):
+    out = tmp_path / "curves"
+    assert plot_curves.main([str(run_dir), str(second_run_dir), "--out", str(out), "--steps", "2:10",
+                             "--labels", "grpo", "dgpo"]) == 0
+    _png_is_a_picture(out.with_suffix(".png"))
+    assert plot_curves.main([str(run_dir), "--metrics", "nothing_here", "--out", str(out)]) == 2
+    assert "available" in capsys.readouterr().err
+    assert plot_curves.main([str(run_dir), str(second_run_dir), "--labels", "one"]) == 2
