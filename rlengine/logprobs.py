@@ -30,7 +30,9 @@ from outside, `install_chunked_head(model)` replaces the forward of that one `lm
 `token_logprobs` runs the *top-level* `model(...)` (an HF model or a DeepSpeed engine): ZeRO-3's
 bookkeeping hooks on the root module (step reset, prefetch trace) fire as in any forward, the
 pre-forward hook of `lm_head` gathers the weight, and the pre-backward hooks it puts on the head's
-outputs re-gather it before our backward recomputes the chunks. The swap changes only that module
+outputs re-gather it before our backward recomputes the chunks. Those hooks *replace* the head's
+outputs with wrapped tensors, so the results are taken from what the model returns (its `logits`
+field), never from the head's unwrapped tensors (tests/test_logprobs_zero3.py fails that way). The swap changes only that module
 instance (the trainer's model, never the sampler's: they are separate objects).
 """
 from __future__ import annotations
@@ -271,7 +273,13 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # backward first re-gathers the partitioned head weight; the unwrapped tensors would reach our
     # backward with an empty weight.
     returned = getattr(out, "logits", None)
-    logp_rows, entropy_rows = returned if isinstance(returned, tuple) and len(returned) == 2 else request.result
+    if isinstance(returned, tuple) and len(returned) == 2:
+        logp_rows, entropy_rows = returned
+    elif hasattr(head.weight, "ds_id"):  # ZeRO-partitioned: the unwrapped result would break backward
+        raise RuntimeError(f"token_logprobs: {type(_unwrap(model)).__name__}'s forward did not return the "
+                           "lm_head output in its `logits` field; cannot differentiate it under ZeRO-3")
+    else:
+        logp_rows, entropy_rows = request.result
     logp = logp_rows.new_zeros((batch, seq)).index_put((batch_index, pos_index + 1), logp_rows)  # [B, S]
     entropy = None
     if with_entropy:

@@ -15,6 +15,8 @@ def test_defaults_and_overrides():
     assert cfg.rollout.temperature == 0.7 and cfg.rollout.stop == ["</answer>"]
     assert cfg.run.total_steps == 3
     assert cfg.model.path == "embedded"
+    # YAML 1.1 reads 1e-5 (no dot) as a string; a float field still takes it
+    assert load_config(None, ["train.lr=1e-5"]).train.lr == 1e-5
 
 
 @pytest.mark.parametrize("override, words", [

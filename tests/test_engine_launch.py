@@ -33,6 +33,7 @@ def test_two_ranks_train_and_log(two_rank_run):
         assert row["sync/checksum_ok"] == 1.0
         assert row["sync/probe_abs_diff"] < 1e-3       # fp32 HF sampler holds exactly the trainer's weights
         assert row["optimizer_updates"] == 2           # 2 iterations x 1 mini-batch
+        assert row["lr"] == pytest.approx(1e-5)        # constant schedule
     # after the first update the policy moved: ratios leave 1
     assert any(r["ratio_max"] > 1 + 1e-4 or r["ratio_min"] < 1 - 1e-4 for r in rows)
 
