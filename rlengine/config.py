@@ -290,6 +290,18 @@ def _check_cross_fields(cfg: Config) -> None:
                           f"({r.prompts_per_step})")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"config key 'train.betas': expected two numbers in [0, 1), got {cfg.train.betas}")
+    from rlengine.data import PRESETS
+    from rlengine.rewards import get_reward
+
+    try:
+        get_reward(cfg.reward.name)
+    except (ValueError, ImportError, AttributeError) as e:
+        raise ConfigError(f"config key 'reward.name': {e}") from None
+    sources = [("data", cfg.data)] + [(f"data.mixture.{i}", m) for i, m in enumerate(cfg.data.mixture)]
+    for key, src in sources:
+        if src.preset not in PRESETS:
+            raise ConfigError(f"config key '{key}.preset': unknown preset {src.preset!r}"
+                              + _did_you_mean(src.preset, list(PRESETS)))
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
         raise ConfigError(f"config key 'run.resume': checkpoint {cfg.run.resume!r} does not exist "
                           "(use auto, never, or an existing checkpoint directory)")

@@ -35,6 +35,9 @@ def test_defaults_and_overrides():
     (["loss.agg=mean"], ["loss.agg", "token-mean"]),
     (["data.mixture=[{preset: gsm8k, wieght: 1}]"], ["data.mixture.0.wieght", "did you mean 'weight'"]),
     (["rollout.placement=separate"], ["rollout.num_ranks"]),
+    (["reward.name=answer_fromat"], ["reward.name", "answer_format"]),
+    (["reward.name=no_such_module:fn"], ["reward.name", "no_such_module"]),
+    (["data.preset=gsm8"], ["data.preset", "did you mean 'gsm8k'"]),
     (["run.resume=/no/such/ckpt"], ["run.resume", "/no/such/ckpt"]),
 ])
 def test_errors_name_the_key(override, words):
