@@ -9,13 +9,15 @@ Owns:
   * `local_push(sampler, named_tensors)`: the colocated placement (no broadcast).
   * `probe_abs_diff(...)`: mean |sampler log-prob - trainer log-prob| on a fixed sequence.
 
-Wire protocol of one push (all collectives on `group`, every wait bounded by `timeout_s`):
+Wire protocol of one push (all collectives on `group`; every wait is bounded by `timeout_s`, the
+manifest's object broadcast by the group's own timeout, which `new_sync_group` sets):
   1. header  int64[4]  [magic, manifest hash, manifest follows?, bucket bytes]
   2. manifest (names, shapes, dtypes) as one object broadcast: only on the first push of a run or
      when it changed since the last push.
   3. the weights as one virtual byte stream (each tensor at a 64-byte aligned offset, manifest
      order) cut into fixed-size buckets. The source packs bucket k+1 (copy, finiteness check,
-     xxh3_64) while bucket k is in flight (two staging buffers, async broadcasts); receivers
+     xxh3_64, done 1 MB at a time so each byte is read from DRAM once) while bucket k is in
+     flight (two staging buffers, async broadcasts); receivers
      receive straight into one flat buffer, so every tensor is a view of it and no unpacking copy
      is made; they hash each bucket as it lands.
   4. trailer int64[2 + buckets]  [status, entry index, the source's per-bucket checksums]: status
@@ -50,7 +52,14 @@ DEFAULT_LAYER_REGEX = r"^(.*?\.)?layers\.\d+\."
 
 
 class WeightSyncError(RuntimeError):
-    """A weight push failed (bad checksum, name mismatch, non-finite value, timeout)."""
+    """A weight push failed (bad checksum, name mismatch, non-finite value, timeout).
+
+    `metrics` holds what can still be logged for the failed step (`sync/checksum_ok` = 0.0 when a
+    checksum did not match)."""
+
+    def __init__(self, message: str, metrics: dict | None = None):
+        super().__init__(message)
+        self.metrics = dict(metrics or {})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,6 +204,35 @@ def _checksum(buf: torch.Tensor) -> int:
     return xxhash.xxh3_64_intdigest(memoryview(buf.numpy()))
 
 
+_PIECE_BYTES = 1 << 20  # packing granularity: small enough to stay in cache between copy, check and hash
+
+
+class _BucketHasher:
+    """The bucket checksum, fed progressively while packing (CPU: streaming xxh3_64, the same digest
+    as `_checksum` of the whole bucket; GPU: computed once at the end, on device)."""
+
+    def __init__(self, buf: torch.Tensor):
+        self.buf = buf
+        self.done = 0
+        self.state = None
+        if not buf.is_cuda:
+            import xxhash
+
+            self.state = xxhash.xxh3_64()
+            self.array = buf.numpy()
+
+    def update_to(self, end: int) -> None:
+        if self.state is not None and end > self.done:
+            self.state.update(memoryview(self.array[self.done:end]))
+            self.done = end
+
+    def finish(self, size: int) -> int:
+        if self.state is None:
+            return _checksum(self.buf[:size])
+        self.update_to(size)
+        return self.state.intdigest()
+
+
 def _to_int64(u: int) -> int:
     return u - (1 << 64) if u >= (1 << 63) else u
 
@@ -254,7 +292,7 @@ class WeightBroadcaster:
         if bad_bucket is not None:
             name = layout.manifest[layout.first_entry_in_bucket(bad_bucket)].name
             raise WeightSyncError(f"weight sync ({side}): checksum mismatch in bucket {bad_bucket} "
-                                  f"(first tensor {name!r}); the push is aborted")
+                                  f"(first tensor {name!r}); the push is aborted", {"sync/checksum_ok": 0.0})
         if names_bad:
             raise WeightSyncError(f"weight sync ({side}): the sampler loaded a different set of tensors than was sent")
         if apply_failed:
@@ -310,7 +348,9 @@ class WeightBroadcaster:
             buf = self._staging[k % 2]
             if works[k % 2] is not None:  # the buffer's previous bucket must be out before reuse
                 self._wait(works[k % 2], f"bucket {k - 2} broadcast")
-            float_segments = []  # (entry, start in buf, bytes, dtype): checked once the bucket is in flight
+            # Packing goes in cache-sized pieces: each piece is copied, checked for non-finite values
+            # and fed to the bucket's checksum while it is still in cache (one DRAM pass, not three).
+            hasher = _BucketHasher(buf)
             while refused is None:
                 if cur_bytes is None:
                     if entry >= len(layout.manifest) or layout.offsets[entry] >= hi:
@@ -318,26 +358,26 @@ class WeightBroadcaster:
                     if not take_next_tensor():
                         break
                 dst = layout.offsets[entry] + cur_pos  # position in the byte stream
-                take = min(cur_bytes.numel() - cur_pos, hi - dst)
-                buf[dst - lo: dst - lo + take].copy_(cur_bytes[cur_pos: cur_pos + take])
-                spec = layout.manifest[entry]
-                if spec.torch_dtype.is_floating_point and take:
-                    float_segments.append((entry, dst - lo, take, spec.torch_dtype))
+                take = min(cur_bytes.numel() - cur_pos, hi - dst, _PIECE_BYTES)
+                piece = buf[dst - lo: dst - lo + take]
+                piece.copy_(cur_bytes[cur_pos: cur_pos + take])
+                dtype = layout.manifest[entry].torch_dtype
+                if dtype.is_floating_point and take:
+                    lo_v, hi_v = torch.aminmax(piece.view(dtype))  # NaN propagates into both
+                    if not (torch.isfinite(lo_v) and torch.isfinite(hi_v)):
+                        refused = (entry, f"tensor {layout.manifest[entry].name!r} holds non-finite values "
+                                          f"(NaN/Inf); refusing to push it")
+                hasher.update_to(dst - lo + take)
                 cur_pos += take
                 if cur_pos >= cur_bytes.numel():
                     cur_bytes, entry = None, entry + 1
                 if dst + take >= hi:
                     break
             view = buf[: hi - lo]
+            checksums.append(hasher.finish(hi - lo))
+            # a refused push still sends every bucket (unloaded: the trailer says so), keeping both
+            # sides' collectives in step
             works[k % 2] = self._bcast(view, f"bucket {k} broadcast", wait=False)
-            # while bucket k travels: its checksum, and the finiteness of what it holds (a bad value
-            # sets `refused`; the trailer then tells the receivers not to load anything)
-            checksums.append(_checksum(view))
-            for e, start, nbytes, dtype in float_segments:
-                lo_v, hi_v = torch.aminmax(buf[start: start + nbytes].view(dtype))  # NaN propagates into both
-                if refused is None and not (torch.isfinite(lo_v) and torch.isfinite(hi_v)):
-                    refused = (e, f"tensor {layout.manifest[e].name!r} holds non-finite values (NaN/Inf); "
-                                  f"refusing to push it")
 
         for w in works:
             if w is not None:

