@@ -9,10 +9,10 @@ output, so an entropy bonus in the loss is differentiated exactly). Logits are a
 inputs are upcast (the hidden rows per chunk, the head weight once per call). Temperature is applied
 as samplers do, `log_softmax(logits / T)`.
 
-Peak extra memory is about two [chunk, V] fp32 buffers (plus an fp32 copy of the weight and its fp32
-gradient accumulator when the weight is bf16) instead of several [N, V] tensors; the price is one more
-[N, H] x [H, V] matmul (the recomputation), which the cheaper cache-friendly elementwise work mostly
-pays back (tools/bench_logprobs.py measures both).
+Peak extra memory is one [chunk, V] fp32 buffer and a [chunk, 8192] scratch block (plus an fp32
+copy of the weight and its fp32 gradient accumulator when the weight is bf16) instead of several
+[N, V] tensors; the price is one more [N, H] x [H, V] matmul (the recomputation), which the
+cheaper, buffer-reusing elementwise work pays back (tools/bench_logprobs.py measures both).
 
 Model level (`sequence_logprobs`, `token_logprobs`), and why the head is swapped *inside* the module:
 the trainer runs DeepSpeed ZeRO-3, where every parameter is partitioned across ranks and gathered only
@@ -47,6 +47,7 @@ from rlengine.model import position_ids_from_mask
 
 CHUNK_BYTES = 256 * 1024 * 1024  # default budget of one [chunk, V] fp32 buffer
 MIN_CHUNK, MAX_CHUNK = 64, 4096
+COLUMN_BLOCK = 8192  # vocabulary columns per elementwise block (the scratch buffer is [chunk, 8192])
 
 
 def default_chunk_size(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -60,11 +61,17 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
 
 
+def _column_blocks(vocab: int):
+    for start in range(0, vocab, COLUMN_BLOCK):
+        yield start, min(start + COLUMN_BLOCK, vocab)
+
+
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], targets [N]) -> (logp [N], entropy [N]), both fp32.
 
-    Two [chunk, V] buffers are allocated once per pass and reused by every chunk (`out=` / in-place
-    ops), so no chunk pays for fresh pages."""
+    Memory per pass: one [chunk, V] logits buffer, allocated once and reused by every chunk (`out=`),
+    plus a small [chunk, COLUMN_BLOCK] scratch buffer: the elementwise work that needs a second
+    [chunk, V] tensor (e^z next to z) runs over column blocks of the logits instead."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
@@ -76,26 +83,29 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         entropy = torch.empty_like(logp) if with_entropy else None
         rows = min(chunk_size, n_tokens)
         logits_buf = torch.empty((rows, vocab), dtype=compute, device=hidden.device)  # [C, V]
-        exp_buf = torch.empty_like(logits_buf)  # [C, V]
+        scratch = torch.empty(rows * min(COLUMN_BLOCK, vocab), dtype=compute, device=hidden.device)
         for start in range(0, n_tokens, chunk_size):
             stop = min(start + chunk_size, n_tokens)
-            logits = torch.mm(hidden[start:stop].to(compute), weight32.t(), out=logits_buf[:stop - start])
+            count = stop - start
+            logits = torch.mm(hidden[start:stop].to(compute), weight32.t(), out=logits_buf[:count])  # [C, V]
             if temperature != 1.0:
                 logits.div_(temperature)
             row_max = logits.amax(dim=-1, keepdim=True)  # [C, 1]
             logits.sub_(row_max)  # z: shifted logits, max 0
-            exps = torch.exp(logits, out=exp_buf[:stop - start])  # [C, V] e^z
-            row_sum = exps.sum(dim=-1, keepdim=True)  # [C, 1]
+            row_sum = torch.zeros((count, 1), dtype=compute, device=hidden.device)  # sum e^z
+            weighted = torch.zeros_like(row_sum)  # sum e^z z
+            for col, col_end in _column_blocks(vocab):
+                block = logits[:, col:col_end]  # [C, b] view
+                exps = torch.exp(block, out=scratch[:count * (col_end - col)].view(count, col_end - col))
+                row_sum += exps.sum(dim=-1, keepdim=True)
+                if with_entropy:
+                    weighted += exps.mul_(block).sum(dim=-1, keepdim=True)
             log_sum = row_sum.log()  # [C, 1]
             lse[start:stop] = (row_max + log_sum).squeeze(-1)
             logp[start:stop] = (logits.gather(1, targets[start:stop, None]) - log_sum).squeeze(-1)
-            if with_entropy:
-                # H = -sum p log p = log s - sum(e^z z) / s; the product reuses the e^z buffer, and
-                # `sum` (cascade summation) keeps fp32 accurate where a bmm/einsum row dot product
-                # drifts by ~1e-4 relative over a 50k vocabulary
-                weighted = exps.mul_(logits).sum(dim=-1, keepdim=True)  # [C, 1]
+            if with_entropy:  # H = -sum p log p = log s - sum(e^z z) / s
                 entropy[start:stop] = (log_sum - weighted / row_sum).squeeze(-1)
-        del logits_buf, exp_buf
+        del logits_buf, scratch
         ctx.save_for_backward(hidden, weight, targets, lse, entropy if with_entropy else lse)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         ctx.set_materialize_grads(False)
@@ -125,11 +135,13 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         coef_ent = (grad_entropy.to(compute) / temperature) if grad_entropy is not None else None  # [N]
         rows = min(chunk_size, n_tokens)
         logits_buf = torch.empty((rows, vocab), dtype=compute, device=hidden.device)  # [C, V]
-        probs_buf = torch.empty_like(logits_buf) if coef_ent is not None else None  # [C, V]
+        scratch = (torch.empty(rows * min(COLUMN_BLOCK, vocab), dtype=compute, device=hidden.device)
+                   if coef_ent is not None else None)
         for start in range(0, n_tokens, chunk_size):
             stop = min(start + chunk_size, n_tokens)
+            count = stop - start
             hidden32 = hidden[start:stop].to(compute)  # [C, H]
-            logits = torch.mm(hidden32, weight32.t(), out=logits_buf[:stop - start])  # [C, V]
+            logits = torch.mm(hidden32, weight32.t(), out=logits_buf[:count])  # [C, V]
             if temperature != 1.0:
                 logits.div_(temperature)
             logits.sub_(lse[start:stop, None])  # [C, V] log-probs
@@ -137,19 +149,24 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             if coef_ent is None:
                 grad_logits = logits.exp_().mul_(-a)  # -a p
             else:
-                probs = torch.exp(logits, out=probs_buf[:stop - start])  # [C, V]
-                grad_logits = logits.add_(entropy[start:stop, None]).mul_(coef_ent[start:stop, None])
-                if a is not None:
-                    grad_logits.add_(a)
-                grad_logits.mul_(probs).neg_()
+                b = coef_ent[start:stop, None]  # [C, 1]
+                h = entropy[start:stop, None]  # [C, 1]
+                for col, col_end in _column_blocks(vocab):
+                    block = logits[:, col:col_end]  # [C, b] log-probs -> gradient, in place
+                    probs = torch.exp(block, out=scratch[:count * (col_end - col)].view(count, col_end - col))
+                    block.add_(h).mul_(b)
+                    if a is not None:
+                        block.add_(a)
+                    block.mul_(probs).neg_()
+                grad_logits = logits
             if a is not None:
-                index = torch.arange(stop - start, device=hidden.device)
+                index = torch.arange(count, device=hidden.device)
                 grad_logits[index, targets[start:stop]] += a.squeeze(-1)
             if want_hidden:
                 grad_hidden[start:stop] = torch.mm(grad_logits, weight32).to(hidden.dtype)
             if want_weight:
                 grad_weight32.addmm_(grad_logits.t(), hidden32)
-        del logits_buf, probs_buf
+        del logits_buf, scratch
         grad_weight = grad_weight32.to(weight.dtype) if want_weight else None
         return grad_hidden, grad_weight, None, None, None, None
 

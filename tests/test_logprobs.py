@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlengine import logprobs
 from rlengine.logprobs import chunked_logprobs_entropy, default_chunk_size
 
 
@@ -33,7 +34,9 @@ def grads_of(fn, hidden, weight, targets, temperature, up_logp, up_ent):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
 @pytest.mark.parametrize("chunk_size", [1, 7, 37, 64])  # 7: ragged last chunk; 64 > N: one chunk
-def test_values_and_grads_match_naive_float64(temperature, chunk_size):
+@pytest.mark.parametrize("column_block", [8192, 16])  # 16: V = 50 in 4 vocabulary blocks, the last ragged
+def test_values_and_grads_match_naive_float64(temperature, chunk_size, column_block, monkeypatch):
+    monkeypatch.setattr(logprobs, "COLUMN_BLOCK", column_block)
     hidden, weight, targets = make_inputs()
     gen = torch.Generator().manual_seed(1)
     up_logp = torch.randn(37, generator=gen, dtype=torch.float64)
@@ -47,7 +50,8 @@ def test_values_and_grads_match_naive_float64(temperature, chunk_size):
 
 
 @pytest.mark.parametrize("use", ["logp", "entropy"])
-def test_grads_when_only_one_output_is_used(use):
+def test_grads_when_only_one_output_is_used(use, monkeypatch):
+    monkeypatch.setattr(logprobs, "COLUMN_BLOCK", 8)
     hidden, weight, targets = make_inputs(n=20, seed=3)
     up = torch.linspace(-1, 1, 20, dtype=torch.float64)
 
@@ -73,8 +77,9 @@ def test_without_entropy_output():
     torch.testing.assert_close(got, (hidden.grad, weight.grad), rtol=1e-10, atol=1e-10)
 
 
-def test_gradcheck_finite_differences():
+def test_gradcheck_finite_differences(monkeypatch):
     """Independent of the analytic reference: central finite differences of both outputs."""
+    monkeypatch.setattr(logprobs, "COLUMN_BLOCK", 4)
     hidden, weight, targets = make_inputs(n=9, h=5, v=13, seed=5)
     assert torch.autograd.gradcheck(
         lambda h, w: chunked_logprobs_entropy(h, w, targets, 0.7, chunk_size=4), (hidden, weight))
