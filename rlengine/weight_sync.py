@@ -233,6 +233,15 @@ class _BucketHasher:
         return self.state.intdigest()
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`. Fast path: a sum is finite when every element is (one cheap pass);
+    only a non-finite sum (a real NaN/Inf, or an overflow) pays for the exact min/max test."""
+    if bool(torch.isfinite(t.sum())):
+        return True
+    lo, hi = torch.aminmax(t)  # NaN propagates into both
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
 def _to_int64(u: int) -> int:
     return u - (1 << 64) if u >= (1 << 63) else u
 
@@ -362,11 +371,9 @@ class WeightBroadcaster:
                 piece = buf[dst - lo: dst - lo + take]
                 piece.copy_(cur_bytes[cur_pos: cur_pos + take])
                 dtype = layout.manifest[entry].torch_dtype
-                if dtype.is_floating_point and take:
-                    lo_v, hi_v = torch.aminmax(piece.view(dtype))  # NaN propagates into both
-                    if not (torch.isfinite(lo_v) and torch.isfinite(hi_v)):
-                        refused = (entry, f"tensor {layout.manifest[entry].name!r} holds non-finite values "
-                                          f"(NaN/Inf); refusing to push it")
+                if dtype.is_floating_point and take and not _all_finite(piece.view(dtype)):
+                    refused = (entry, f"tensor {layout.manifest[entry].name!r} holds non-finite values "
+                                      f"(NaN/Inf); refusing to push it")
                 hasher.update_to(dst - lo + take)
                 cur_pos += take
                 if cur_pos >= cur_bytes.numel():
@@ -485,10 +492,8 @@ def local_push(sampler, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> di
     pairs, nbytes = [], 0
     for name, t in named_tensors:
         t = t.detach()
-        if t.is_floating_point() and t.numel():
-            lo, hi = torch.aminmax(t)
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
-                raise WeightSyncError(f"weight sync: tensor {name!r} holds non-finite values (NaN/Inf); refusing to push it")
+        if t.is_floating_point() and t.numel() and not _all_finite(t):
+            raise WeightSyncError(f"weight sync: tensor {name!r} holds non-finite values (NaN/Inf); refusing to push it")
         pairs.append((name, t.clone()))
         nbytes += t.numel() * t.element_size()
     sent = {n for n, _ in pairs}

@@ -188,3 +188,48 @@ def test_push_to_a_silent_receiver_times_out_with_a_clear_error(runs):
     assert not hang["ok"]
     assert "did not complete within" in hang["error"]
     assert hang["seconds"] < HANG_TIMEOUT_S * 2 + 2, hang
+
+
+def test_finiteness_check_is_exact_even_when_a_sum_overflows():
+    from rlengine.weight_sync import _all_finite
+
+    big = torch.full((64,), 3e38)  # its sum overflows to inf, yet every element is finite
+    assert _all_finite(big)
+    for dtype in (torch.float32, torch.bfloat16):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t = torch.zeros(1000, dtype=dtype)
+            t[417] = bad
+            assert not _all_finite(t)
+
+
+class _RecordingSampler:
+    """The smallest thing with a sampler's load_weights: remembers what it got, reports names."""
+
+    def __init__(self, drop: str | None = None):
+        self.loaded, self.drop = None, drop
+
+    def load_weights(self, pairs):
+        self.loaded = {n: t for n, t in pairs}
+        return [n for n, _ in pairs if n != self.drop]
+
+
+def test_local_push_copies_refuses_non_finite_and_checks_names():
+    from rlengine.weight_sync import WeightSyncError, local_push
+
+    model = _tiny_llama(seed=2)
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    sampler = _RecordingSampler()
+    metrics = local_push(sampler, named)
+    assert metrics["sync/bytes"] == sum(p.numel() * 4 for _, p in named)
+    first = named[0][0]
+    assert torch.equal(sampler.loaded[first], named[0][1])
+    assert sampler.loaded[first].data_ptr() != named[0][1].data_ptr()  # a copy, not the trainer's tensor
+
+    bad = [(n, t.clone()) for n, t in named]
+    bad[5][1].view(-1)[0] = float("nan")
+    fresh = _RecordingSampler()
+    with pytest.raises(WeightSyncError, match=repr(bad[5][0])):
+        local_push(fresh, bad)
+    assert fresh.loaded is None
+    with pytest.raises(WeightSyncError, match="different set"):
+        local_push(_RecordingSampler(drop=first), named)

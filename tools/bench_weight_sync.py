@@ -5,7 +5,9 @@ Two spawned processes on loopback, one gloo group, 1 thread each. Per repeat, on
   rlengine  `WeightBroadcaster.push(iter_gathered_params(model))` -> `.receive(apply_fn)` with an
             apply_fn that only reports the names (the transport path: packing, finiteness check,
             checksums on both sides, verification, outcome exchange; not a sampler's reload)
-Medians over the repeats; the target is rlengine >= 80% of raw.
+Medians over the repeats; the target is rlengine >= 80% of raw. Also reported: CPU seconds per push
+of each process (all its threads), which shows the work the packing, finiteness check and checksums
+add whatever else the machine is doing.
 
     python tools/bench_weight_sync.py [--model embedded] [--dtype fp32] [--bucket-mb 64] [--repeats 5]
 
@@ -60,19 +62,28 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
     def stream():
         return iter_gathered_params(model)
 
-    raw, ours = [], []
+    raw, ours, cpu_raw, cpu_ours = [], [], [], []
     for rep in range(args.repeats + 1):  # repeat 0 warms up both paths
         dist.barrier(group=group)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         dist.broadcast(flat, src=0, group=group)
-        t_raw = time.perf_counter() - t0
+        t_raw, c_raw = time.perf_counter() - t0, time.process_time() - c0
         dist.barrier(group=group)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         metrics = bc.push(stream()) if rank == 0 else bc.receive(lambda pairs: [n for n, _ in pairs])
-        t_ours = time.perf_counter() - t0
+        t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
         if rep:
             raw.append(t_raw)
             ours.append((t_ours, metrics))
+            cpu_raw.append(c_raw)
+            cpu_ours.append(c_ours)
+    # CPU seconds (all threads of the process) per push, [sender, receiver]: the work the checks
+    # add, independent of how busy the machine is
+    cpu = torch.tensor([[statistics.median(cpu_raw), statistics.median(cpu_ours)]] * 2, dtype=torch.float64)
+    mine = cpu[rank].clone()
+    cpu[1 - rank] = 0
+    cpu[rank] = mine
+    dist.all_reduce(cpu, group=group)
     if rank == 0:
         pushed = ours[0][1]["sync/bytes"]
         raw_s = statistics.median(raw)
@@ -81,6 +92,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
                   "rlengine": {"gbps": pushed / our_s / 1e9, "seconds": our_s, "bytes": int(pushed),
                                "num_buckets": int(ours[0][1]["sync/num_buckets"])},
                   "ratio": (pushed / our_s) / (float(nbytes) / raw_s),
+                  "cpu_seconds": {"raw": {"sender": cpu[0, 0].item(), "receiver": cpu[1, 0].item()},
+                                  "rlengine": {"sender": cpu[0, 1].item(), "receiver": cpu[1, 1].item()}},
                   "config": {"model": args.model, "dtype": args.dtype, "bucket_mb": args.bucket_mb,
                              "repeats": args.repeats, "threads_per_rank": 1}}
         with open(out_path, "w") as f:
