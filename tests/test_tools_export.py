@@ -82,7 +82,7 @@ def make_tiny_base(path: Path, hidden: int = 32) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def zero3_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
     base = make_tiny_base(root / "base")

@@ -1,0 +1,125 @@
+"""tools/evaluate.py: Pass@k / Avg@k reporting, the resumable cache, checkpoint input.
+
+Generation runs for real (HF `generate` through rlengine.rollout on a tiny random Llama with a
+word-level tokenizer), scoring through the real RewardPool and math-verify. Expected metric values
+are computed here with exact binomials (math.comb), independently of rlengine.metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import evaluate as EV  # noqa: E402
+from tests.test_tools_export import make_tiny_base, zero3_run  # noqa: E402,F401  (fixture)
+
+
+def exact_pass_at_k(n: int, c: int, k: int) -> float:
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_base(tmp_path_factory.mktemp("eval") / "tiny")
+
+
+def test_ks_and_summary_match_exact_binomials():
+    assert EV.ks_for(8) == [1, 2, 4, 8] and EV.ks_for(6) == [1, 2, 4, 6] and EV.ks_for(1) == [1]
+    scores = [[1, 0, 0, 1, 0, 0], [0] * 6, [1] * 6, [1, 0, 0, 0, 0, 0]]
+    lengths = [[10] * 6, [20] * 6, [30] * 6, [40] * 6]
+    cut = [[False] * 6, [True] * 6, [False] * 6, [False] * 6]
+    s = EV.summarize(scores, lengths, cut)
+    counts = [2, 0, 6, 1]
+    assert s["avg@6"] == pytest.approx(sum(c / 6 for c in counts) / 4)
+    for k in (1, 2, 4, 6):
+        assert s[f"pass@{k}"] == pytest.approx(sum(exact_pass_at_k(6, c, k) for c in counts) / 4)
+    assert s["pass@1"] == pytest.approx(s["avg@6"])
+    assert s["mean_response_tokens"] == 25 and s["truncated_frac"] == 0.25
+
+
+def test_data_specs():
+    d = EV.parse_data_spec("arithmetic")
+    assert (d.name, d.preset, d.path, d.split) == ("arithmetic", "arithmetic", None, "test")
+    d = EV.parse_data_spec("m500:math=/data/math500.jsonl@test")
+    assert (d.name, d.preset, d.path, d.split) == ("m500", "math", "/data/math500.jsonl", "test")
+    with pytest.raises(EV.EvalError, match="unknown preset"):
+        EV.parse_data_spec("nope")
+    with pytest.raises(EV.EvalError, match="needs a path"):
+        EV.parse_data_spec("gsm8k")
+
+
+def _custom_dataset(tmp_path: Path) -> str:
+    rows = [{"question": f"What is {a} + {b} ?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6), (2, 2), (7, 1)]]
+    path = tmp_path / "tiny_test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"tiny:arithmetic={path}"
+
+
+def test_evaluate_resumes_exactly_and_scores_with_math_verify(tiny_model, tmp_path):
+    from rlengine.rewards import math_reward
+
+    spec = [EV.parse_data_spec(_custom_dataset(tmp_path))]
+    kw = dict(n=3, temperature=1.0, max_new_tokens=6, backend="hf", chunk_problems=2, reward_workers=0,
+              progress=False, seed=5)
+    full = EV.evaluate(str(tiny_model), spec, cache_dir=str(tmp_path / "full"), **kw)
+    with pytest.raises(KeyboardInterrupt):  # killed after the first chunk of 2 problems
+        EV.evaluate(str(tiny_model), spec, cache_dir=str(tmp_path / "resumed"), stop_after_chunks=1, **kw)
+    partial = (tmp_path / "resumed" / "generations.jsonl").read_text().splitlines()
+    assert len(partial) == 2
+    resumed = EV.evaluate(str(tiny_model), spec, cache_dir=str(tmp_path / "resumed"), **kw)
+    a = [json.loads(x) for x in (tmp_path / "full" / "generations.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "resumed" / "generations.jsonl").read_text().splitlines()]
+    key = lambda r: (r["dataset"], r["index"])  # noqa: E731
+    assert sorted(a, key=key) == sorted(b, key=key)      # resuming sampled what one run sampled
+    assert resumed["results"] == full["results"]
+    assert len(a) == 5 and all(len(r["texts"]) == 3 for r in a)
+    for r in a:  # cached scores are the reward of the cached text
+        assert r["scores"] == [math_reward(t, r["answer"], extract="answer") for t in r["texts"]]
+        assert all(0 < n <= 6 for n in r["lengths"])
+    res = full["results"]["tiny"]
+    assert res["problems"] == 5 and res["samples"] == 3 and set(res) >= {"avg@3", "pass@1", "pass@2", "pass@3"}
+    # a cache made with other settings is refused rather than mixed
+    with pytest.raises(EV.EvalError, match="other settings"):
+        EV.evaluate(str(tiny_model), spec, cache_dir=str(tmp_path / "full"), **{**kw, "n": 2})
+
+
+def test_greedy_is_one_deterministic_sample(tiny_model, tmp_path):
+    spec = [EV.parse_data_spec(_custom_dataset(tmp_path))]
+    kw = dict(greedy=True, max_new_tokens=5, backend="hf", reward_workers=0, progress=False, limit=3)
+    r1 = EV.evaluate(str(tiny_model), spec, cache_dir=str(tmp_path / "g1"), seed=1, **kw)
+    r2 = EV.evaluate(str(tiny_model), spec, cache_dir=str(tmp_path / "g2"), seed=2, **kw)
+    assert r1["settings"]["n"] == 1 and r1["results"]["tiny"]["problems"] == 3
+    t1 = [json.loads(x)["texts"] for x in (tmp_path / "g1" / "generations.jsonl").read_text().splitlines()]
+    t2 = [json.loads(x)["texts"] for x in (tmp_path / "g2" / "generations.jsonl").read_text().splitlines()]
+    assert t1 == t2 and all(len(t) == 1 for t in t1)
+
+
+def test_cli_table_and_json(tiny_model, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    rc = EV.main([str(tiny_model), "--data", _custom_dataset(tmp_path), "--data", "arithmetic", "--limit", "2",
+                  "-n", "2", "--max-new-tokens", "4", "--backend", "hf", "--reward-workers", "0", "--no-progress",
+                  "--cache", str(tmp_path / "c"), "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "pass@2" in text and "tiny" in text and "arithmetic" in text and "overall" in text
+    report = json.loads(out.read_text())
+    assert report["results"]["overall"]["problems"] == 4
+    assert json.loads(text.strip().splitlines()[-1]) == report["results"]
+    assert EV.main([str(tmp_path / "nothing"), "--no-progress"]) == 2
+
+
+def test_checkpoint_input_is_exported_once(zero3_run, tmp_path):
+    ckpt = zero3_run / "checkpoints" / "step_000002"
+    model_path, run = EV.resolve_model(str(ckpt), export_dir=str(tmp_path / "exported"))
+    assert Path(model_path) == tmp_path / "exported" and run == ckpt
+    assert (tmp_path / "exported" / "rlengine_export.json").is_file()
+    stamp = (tmp_path / "exported" / "rlengine_export.json").stat().st_mtime_ns
+    EV.resolve_model(str(ckpt), export_dir=str(tmp_path / "exported"))       # reused, not redone
+    assert (tmp_path / "exported" / "rlengine_export.json").stat().st_mtime_ns == stamp
+    assert EV.run_defaults(ckpt) == {}  # its config.yaml has no data / rollout section
