@@ -286,12 +286,12 @@ class VLLMSampler(Sampler):
 
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         path = os.path.join(folder, f"rlengine-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
-        seen: set[int] = set()
+        seen: set[tuple[int, int]] = set()
         tensors = {}
-        for name, t in pairs:  # safetensors refuses shared storage (tied embeddings)
-            t = t.detach().to("cpu")
-            key = t.untyped_storage().data_ptr()
-            tensors[name] = t.clone() if key in seen else t.contiguous()
+        for name, t in pairs:  # safetensors refuses the same memory twice (a tied pair); views of
+            t = t.detach().to("cpu").contiguous()  # one buffer that do not overlap are fine
+            key = (t.data_ptr(), t.nbytes)
+            tensors[name] = t.clone() if key in seen else t
             seen.add(key)
         try:
             save_file(tensors, path)
