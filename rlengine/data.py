@@ -33,16 +33,33 @@ from rlengine.rewards.extract import extract_boxed
 DATA_DIR = Path(__file__).resolve().parent / "data_files"
 BUNDLED_SPLITS = ("train", "test")
 
+_THINK_ANSWER = (
+    "You are a helpful assistant. First think about the problem step by step inside "
+    "<think> </think> tags, then write only the final answer inside <answer> </answer> tags, "
+    "like this: <think> reasoning here </think> <answer> final answer here </answer>")
+
 SYSTEM_PROMPTS: dict[str, str | None] = {
     # the gate paper's template: reasoning in <think>, final answer alone in <answer>
-    "think_answer": (
-        "You are a helpful assistant. First think about the problem step by step inside "
-        "<think> </think> tags, then write only the final answer inside <answer> </answer> tags, "
-        "like this: <think> reasoning here </think> <answer> final answer here </answer>"),
+    # (with two worked demonstrations, see FEW_SHOT)
+    "think_answer": _THINK_ANSWER,
+    # the same instruction without demonstrations
+    "think_answer_plain": _THINK_ANSWER,
     # DGPO / DeepSeek-R1 style: the final answer in \boxed{}
     "boxed": "Please reason step by step, and put your final answer within \\boxed{}.",
     # no system message (a chat template may still insert its own default)
     "none": None,
+}
+
+# Worked demonstrations (user, assistant) placed as chat turns after a named system prompt.
+# SmolLM2-135M-Instruct ignores the bare <think>/<answer> instruction (0 of 96 samples followed it);
+# with these two turns ~20% of its samples are well formed, so the format reward has a signal.
+FEW_SHOT: dict[str, list[tuple[str, str]]] = {
+    "think_answer": [
+        ("Sam has 3 apples and buys 2 more. How many apples does Sam have now?",
+         "<think> 3 + 2 = 5 </think> <answer> 5 </answer>"),
+        ("Each bag holds 4 marbles. Mia has 3 bags. How many marbles does Mia have in total?",
+         "<think> 3 * 4 = 12 </think> <answer> 12 </answer>"),
+    ],
 }
 
 
@@ -337,13 +354,16 @@ def resolve_system_prompt(system_prompt: str | None) -> str | None:
 
 
 def build_messages(question: str | list[dict], system_prompt: str | None = "think_answer") -> list[dict]:
-    """Chat messages for a question (or a dataset's chat list), with the system prompt prepended
-    unless the chat list already has a system message."""
+    """Chat messages for a question (or a dataset's chat list): the system prompt and its
+    demonstrations (FEW_SHOT) first, unless the chat list already has a system message."""
     system = resolve_system_prompt(system_prompt)
     messages = ([{"role": "user", "content": question}] if isinstance(question, str)
                 else [dict(m) for m in question])
     if system is not None and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system})
+        demos = []
+        for user, assistant in FEW_SHOT.get(system_prompt, []):
+            demos += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages = [{"role": "system", "content": system}] + demos + messages
     return messages
 
 

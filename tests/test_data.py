@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlengine.data import (DATA_DIR, PRESETS, SYSTEM_PROMPTS, DataError, apply_chat_template,
+from rlengine.data import (DATA_DIR, FEW_SHOT, PRESETS, SYSTEM_PROMPTS, DataError, apply_chat_template,
                            build_prompt_stream, encode_prompts, load_examples)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,13 +201,15 @@ def test_prompts_are_chat_templated_once(tokenizer):
     prompt = stream.next_batch(1)[0]
     first = load_examples(Src(split="test"))[0]
     assert (prompt.question, prompt.answer, prompt.row, prompt.source) == (first.question, first.answer, 1, "arithmetic")
-    expected_text = ("<|im_start|>system\n" + SYSTEM_PROMPTS["think_answer"] + "<|im_end|>\n<|im_start|>user\n"
-                     + first.question + "<|im_end|>\n<|im_start|>assistant\n")
+    demos = "".join(f"<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
+                    for u, a in FEW_SHOT["think_answer"])
+    expected_text = ("<|im_start|>system\n" + SYSTEM_PROMPTS["think_answer"] + "<|im_end|>\n" + demos
+                     + "<|im_start|>user\n" + first.question + "<|im_end|>\n<|im_start|>assistant\n")
     assert prompt.prompt_text == expected_text
     assert prompt.prompt_ids == tokenizer(expected_text, add_special_tokens=False)["input_ids"]
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert prompt.prompt_ids[0] == im_start and prompt.prompt_ids[1] != im_start
-    assert prompt.prompt_ids.count(im_start) == 3                     # system, user, assistant
+    assert prompt.prompt_ids.count(im_start) == 7                     # system, 2 demo pairs, user, assistant
     assert tokenizer.decode(prompt.prompt_ids) == expected_text
 
 
@@ -228,6 +230,17 @@ def test_system_prompts(tokenizer, system, present, absent):
     assert text.startswith("<|im_start|>system\n")
 
 
+def test_think_answer_demonstrations_follow_the_reward(tokenizer):
+    from rlengine.rewards import get_reward
+
+    demos = FEW_SHOT["think_answer"]
+    assert [get_reward("answer_format")(a, truth)["reward"] for (_, a), truth in zip(demos, ["5", "12"])] == [2.0, 2.0]
+    with_demos = apply_chat_template(tokenizer, "What is 1+1?", "think_answer")
+    plain = apply_chat_template(tokenizer, "What is 1+1?", "think_answer_plain")
+    assert all(u in with_demos and a in with_demos for u, a in demos)
+    assert not any(u in plain for u, _ in demos) and SYSTEM_PROMPTS["think_answer"] in plain
+
+
 def test_no_system_prompt_and_dataset_chat(tokenizer):
     text = apply_chat_template(tokenizer, "What is 1+1?", "none")
     for prompt in SYSTEM_PROMPTS.values():
@@ -235,6 +248,7 @@ def test_no_system_prompt_and_dataset_chat(tokenizer):
     chat = [{"role": "system", "content": "Dataset system."}, {"role": "user", "content": "Q?"}]
     text = apply_chat_template(tokenizer, chat, "think_answer")          # the dataset's own system wins
     assert "Dataset system." in text and SYSTEM_PROMPTS["think_answer"] not in text
+    assert FEW_SHOT["think_answer"][0][0] not in text                  # no demos under a foreign system
 
 
 def test_long_prompts_are_dropped_and_counted(tmp_path, tokenizer):

@@ -61,6 +61,7 @@ class _Worker:
     ready: bool = False
     buffer: bytes = b""
     pending: deque = field(default_factory=deque)   # item ids sent, not answered, in order
+    outbox: bytes = b""             # request bytes not yet accepted by the (non-blocking) pipe
     item_started: float = 0.0       # when the head of `pending` began (last reply or dispatch)
 
 
@@ -123,8 +124,8 @@ class RewardPool:
         self._closed = True
         for worker in self._workers:
             try:
-                os.write(worker.to_worker, b'{"op": "exit"}\n')
-            except OSError:
+                os.write(worker.to_worker, worker.outbox + b'{"op": "exit"}\n')
+            except OSError:  # full or broken pipe: the kill below handles it
                 pass
         deadline = time.monotonic() + 2.0
         for worker in self._workers:
@@ -181,6 +182,7 @@ class RewardPool:
         os.close(req_read)
         os.close(rep_write)
         os.set_blocking(rep_read, False)
+        os.set_blocking(req_write, False)  # a full request pipe must never block the timeout clock
         return _Worker(proc=proc, to_worker=req_write, from_worker=rep_read, started=time.monotonic())
 
     @staticmethod
@@ -268,7 +270,21 @@ class RewardPool:
                                             f"on item {item_id}")
                 batch.queue.extendleft(reversed(worker.pending))
                 worker.pending.clear()
+                worker.outbox = b""
             self._replace(worker)
+
+    def _flush(self, worker: _Worker, batch: _Batch) -> None:
+        """Write what the request pipe accepts now; a broken pipe means the worker died (its
+        replies, read next, decide which item is charged)."""
+        try:
+            while worker.outbox:
+                written = os.write(worker.to_worker, worker.outbox)
+                worker.outbox = worker.outbox[written:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            worker.outbox = b""
+            self._handle_replies(worker, batch)  # reads to EOF, charges the running item, replaces
 
     def _score_in_workers(self, spec: RewardSpec, items: list[tuple[int, str, str]]) -> list[dict[str, float]]:
         batch = _Batch(spec=spec, results=[None] * len(items), queue=deque(i for i, _, _ in items))
@@ -276,26 +292,29 @@ class RewardPool:
         self._wait_any_ready()  # a batch's clock starts once a worker can take it
         batch_deadline = (time.monotonic() + self.batch_timeout_s) if self.batch_timeout_s else math.inf
         while batch.done < len(items):
-            # 1. hand chunks to idle, ready workers
+            # 1. hand out chunks: a worker holds at most its current chunk plus one queued behind
+            #    it, so it never waits for the parent between chunks
             for worker in list(self._workers):
-                if worker.ready and not worker.pending and queue:
-                    size = max(1, min(self.chunk_size, math.ceil(len(queue) / (2 * self.num_workers))))
+                size = max(1, min(self.chunk_size, math.ceil(len(queue) / (2 * self.num_workers))))
+                if worker.ready and queue and len(worker.pending) < size:
                     chunk = [queue.popleft() for _ in range(min(size, len(queue)))]
                     payload = {"op": "score", "ref": spec.ref, "items": [items[i] for i in chunk]}
-                    try:
-                        _write_all(worker.to_worker, (json.dumps(payload) + "\n").encode())
-                    except OSError:  # died while idle: nothing of this chunk ran
-                        queue.extendleft(reversed(chunk))
-                        self._replace(worker)
-                        continue
-                    worker.pending = deque(chunk)
-                    worker.item_started = time.monotonic()
+                    if not worker.pending:
+                        worker.item_started = time.monotonic()
+                    worker.pending.extend(chunk)
+                    worker.outbox += (json.dumps(payload) + "\n").encode()
+                    self._flush(worker, batch)
             # 2. wait for replies, at most until the earliest item deadline
             now = time.monotonic()
             deadlines = [w.item_started + self.timeout_s for w in self._workers if w.pending]
             deadlines += [w.started + _READY_TIMEOUT_S for w in self._workers if not w.ready]
             wait = max(0.0, min(deadlines + [batch_deadline]) - now)
-            readable, _, _ = select.select([w.from_worker for w in self._workers], [], [], min(wait, 1.0))
+            readable, writable, _ = select.select([w.from_worker for w in self._workers],
+                                                  [w.to_worker for w in self._workers if w.outbox], [],
+                                                  min(wait, 1.0))
+            for worker in list(self._workers):
+                if worker.to_worker in writable and worker in self._workers:
+                    self._flush(worker, batch)
             for worker in list(self._workers):
                 if worker.from_worker in readable:
                     self._handle_replies(worker, batch)
@@ -307,6 +326,7 @@ class RewardPool:
                     self.stats["timeouts"] += 1
                     queue.extendleft(reversed(worker.pending))
                     worker.pending.clear()
+                    worker.outbox = b""
                     self._replace(worker)
                 elif not worker.ready and now - worker.started > _READY_TIMEOUT_S:
                     self._replace(worker)
@@ -315,6 +335,7 @@ class RewardPool:
                 for worker in list(self._workers):
                     if worker.pending:
                         worker.pending.clear()
+                        worker.outbox = b""
                         self._replace(worker)
                 for i, value in enumerate(batch.results):
                     if value is None:
@@ -322,10 +343,3 @@ class RewardPool:
                         self.stats["timeouts"] += 1
                 queue.clear()
         return batch.results  # type: ignore[return-value]
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
