@@ -136,7 +136,7 @@ def test_saves_no_full_logits_for_backward():
 
 
 def test_default_chunk_size_and_errors():
-    assert default_chunk_size(152064) == 441 and default_chunk_size(49152) == 1365
+    assert default_chunk_size(152064) == 220 and default_chunk_size(49152) == 682
     assert default_chunk_size(10) == 4096 and default_chunk_size(10**9) == 64
     hidden, weight, targets = make_inputs(n=4, h=3, v=5)
     with pytest.raises(ValueError, match="hidden \\[N, H\\]"):
