@@ -150,3 +150,10 @@ def test_inline_pool_and_argument_errors():
             p.score(["a"], ["b"], reward="nope")
     with pytest.raises(RuntimeError, match="closed"):
         p.score(["a"], ["b"])
+
+
+def test_long_completions_pass_through_the_pipes(pool):
+    # 6 x 300 kB of text is far more than a pipe holds: requests must stream without deadlock
+    filler = "<think>" + "thinking " * 33_000 + "</think>"
+    texts = [f"{filler}<answer>{i}</answer>" for i in range(6)]
+    assert pool.score(texts, [str(i) for i in range(6)], reward="answer_format") == [2.0] * 6
