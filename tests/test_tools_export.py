@@ -124,8 +124,12 @@ def test_export_fp32_matches_deepspeed_gathered_weights(zero3_run, tmp_path):
     gathered = torch.load(zero3_run / "gathered.pt")
     saved = _load_safetensors(out)
     base = _load_safetensors(zero3_run.parent / "base")
+    assert "lm_head.weight" not in saved  # tied to the embeddings: stored once, as save_pretrained does
+    assert report.num_params == sum(t.numel() for t in saved.values())
     for name, want in gathered.items():
-        if name == "lm_head.weight" and name not in saved:  # tied: stored once
+        if name == "lm_head.weight":
+            want_tied = gathered["model.embed_tokens.weight"]
+            assert torch.equal(want, want_tied)
             continue
         assert torch.equal(saved[name], want), name
     moved = [n for n in gathered if n in base and not torch.equal(base[n], gathered[n])]

@@ -131,7 +131,12 @@ def build_model(base_path: str, state: dict[str, torch.Tensor], dtype: torch.dty
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     params = dict(model.named_parameters(remove_duplicate=False))
     unique = dict(model.named_parameters())              # tied copies appear once
-    tied = set(params) - set(unique)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    ties = bool(getattr(text_config, "tie_word_embeddings", False)) and out_emb is not None and in_emb is not None
+    if ties:  # one tensor for both; the checkpoint may hold the shared weight under both names or one
+        out_names = {n for n, p in params.items() if p is out_emb.weight}
+        unique = {k: v for k, v in unique.items() if k not in out_names}
     missing = sorted(set(unique) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
@@ -143,8 +148,8 @@ def build_model(base_path: str, state: dict[str, torch.Tensor], dtype: torch.dty
             raise ExportError(f"checkpoint tensor {k!r} has shape {tuple(state[k].shape)}, the base architecture "
                               f"expects {tuple(params[k].shape)}")
     model.load_state_dict({k: state[k].to(torch.float32).clone() for k in unique}, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
+    if ties:
+        out_emb.weight = in_emb.weight
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise ExportError(f"parameters left unset after loading the checkpoint: {still_meta[:5]}")

@@ -72,8 +72,8 @@ def joint_figure(tokens, title: str, prob_column: str = "prob", gridsize: int = 
     ybins = np.geomspace(*ylim, 40)
     regions = tokens["region"].astype(str).to_numpy()
 
-    fig = plt.figure(figsize=(12.5, 5.6))
-    gs = fig.add_gridspec(2, 6, width_ratios=[4, 1, 0.45, 4, 1, 0.18], height_ratios=[1, 4],
+    fig = plt.figure(figsize=(13, 5.6))
+    gs = fig.add_gridspec(2, 7, width_ratios=[4, 1, 0.5, 4, 1, 0.45, 0.18], height_ratios=[1, 4],
                           wspace=0.05, hspace=0.05)
     hb = None
     vmax = 1
@@ -123,7 +123,7 @@ def joint_figure(tokens, title: str, prob_column: str = "prob", gridsize: int = 
             for s in ("top", "right"):
                 a.spines[s].set_visible(False)
     if hb is not None:
-        cax = fig.add_subplot(gs[1, 5])
+        cax = fig.add_subplot(gs[1, 6])
         fig.colorbar(hb, cax=cax, label="tokens per bin (log)")
     steps = tokens["step"]
     fig.suptitle(f"{title}: probability vs importance ratio, steps {steps.min()}-{steps.max()} "
