@@ -301,6 +301,20 @@ def ema(values: Sequence[float] | np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
+RATIO_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0, 1.2, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+
+
+def plain_log_ticks(axis, lo: float, hi: float, candidates: Sequence[float] = RATIO_TICKS) -> None:
+    """Readable ticks on a log-scaled ratio axis: plain numbers (0.5, 0.8, 1, 1.2, 2 ...), no minor labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ticks = [t for t in candidates if lo <= t <= hi]
+    if len(ticks) >= 2:
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
+
+
 def check_formats(formats: Iterable[str]) -> list[str]:
     out = []
     for f in formats:

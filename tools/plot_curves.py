@@ -71,6 +71,10 @@ def curves_figure(frames: list, labels: list[str], metrics: list[str], smooth: f
             else:
                 ax.plot(xs, ys, color=color, lw=1.6, label=label, marker="o" if len(ys) < 3 else None)
         ax.set_title(TITLES.get(metric, metric), fontsize=10)
+        if x == "step":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step" if x == "step" else x)
         ax.grid(alpha=0.3)
     for k in range(len(present), rows * cols):

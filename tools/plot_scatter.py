@@ -96,6 +96,7 @@ def joint_figure(tokens, title: str, prob_column: str = "prob", gridsize: int = 
             right.hist(ratio[sel], bins=ybins, orientation="horizontal", color="#555555", alpha=0.8, log=True)
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
+        P.plain_log_ticks(ax.yaxis, *ylim)
         for line, name in ((low, "L"), (high, "U")):
             for a in (ax, right):
                 a.axhline(line, color="crimson", ls="--", lw=1.2)
@@ -179,6 +180,8 @@ def weights_figure(tokens, specs: list[P.LossSpec], title: str, prob_column: str
                 ax.scatter(x[sel], rel[sel], s=5, alpha=0.5, color=P.REGION_COLORS[region], lw=0, rasterized=True)
             ax.set_xscale("log")
             ax.set_xlim(*xlim)
+            if i == 1:
+                P.plain_log_ticks(ax.xaxis, *xlim)
             if weight_scale == "symlog":
                 ax.set_yscale("symlog", linthresh=1.0, linscale=1.5)
             elif weight_scale == "log":
@@ -236,6 +239,7 @@ def ratios_figure(token_sets, labels: list[str], bins: int = 80):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(*lim)
+        P.plain_log_ticks(ax.xaxis, *lim)
         ax.set_xlabel("importance ratio r (log)")
         ax.set_title("A > 0 (positive tokens)" if sign else "A <= 0 (negative tokens)", fontsize=10)
         ax.grid(alpha=0.25)
