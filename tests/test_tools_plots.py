@@ -23,11 +23,15 @@ sys.path.insert(0, str(ROOT / "tools"))
 import _plotting as P  # noqa: E402
 import plot_curves  # noqa: E402
 import plot_scatter  # noqa: E402
-from tests.test_tools_synthetic import run_dir, second_run_dir  # noqa: E402,F401  (fixtures)
+from tests.test_tools_synthetic import run_dir, second_run_dir, synthetic_run  # noqa: E402,F401  (fixtures)
 
 
 def _axes(fig, prefix: str) -> dict:
     return {ax.get_label(): ax for ax in fig.axes if ax.get_label().startswith(prefix)}
+
+
+def _bounds(tokens) -> list[float]:
+    return [round(1 - float(tokens["eps_low"].iloc[0]), 6), round(1 + float(tokens["eps_high"].iloc[0]), 6)]
 
 
 def _png_is_a_picture(path: Path) -> None:
@@ -158,7 +162,7 @@ def test_joint_figure_has_log_axes_bounds_and_all_regions(run_dir):
     for name, ax in panels.items():
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
         hlines = sorted(round(line.get_ydata()[0], 6) for line in ax.get_lines())
-        assert hlines == [0.8, 1.2]                                   # L and U
+        assert hlines == _bounds(tokens)                              # L and U
         texts += [t.get_text() for t in ax.texts]
         # every plotted token of that sign is in the hexbin
         counts = ax.collections[0].get_array().sum()
@@ -185,14 +189,14 @@ def test_weights_figure_shows_each_loss_weights(run_dir):
     ys = np.concatenate([c.get_offsets()[:, 1] for c in grpo.collections])
     xs = np.concatenate([c.get_offsets()[:, 0] for c in grpo.collections])
     assert len(ys) == len(tokens)
-    boundary = ((xs < 0.8) | (xs > 1.2)) & (ys != 1.0)
+    low, high = _bounds(tokens)
+    boundary = ((xs < low) | (xs > high)) & (ys != 1.0)
     assert np.all(ys[boundary] == 0.0)                                # GRPO: clipped tokens get no gradient
     dg = panels["weights:dgpo:n=2,m=2:ratio"]
     for c in dg.collections:
         x, y = c.get_offsets()[:, 0], c.get_offsets()[:, 1]
-        low = x < 0.8
-        # DGPO relative weights stay in (0, 1]: they decay, never diverge
-        assert np.all((y > 0) & (y <= 1 + 1e-6)) or np.all(~low)
+        # DGPO relative weights stay in [0, 1]: they decay, never diverge (0 only by underflow)
+        assert np.all((y >= 0) & (y <= 1 + 1e-6))
     plt.close(fig)
 
 
@@ -206,23 +210,26 @@ def test_ratios_figure_overlays_runs(run_dir, second_run_dir):
         legend = [t.get_text() for t in ax.get_legend().get_texts()]
         assert legend[0].startswith("a (") and legend[1].startswith("b (")
         vlines = sorted(round(line.get_xdata()[0], 6) for line in ax.get_lines())
-        assert vlines == [0.8, 1.2]                                    # L and U (shared by both runs)
+        assert vlines == sorted(set(_bounds(sets[0]) + _bounds(sets[1])))   # each distinct L and U once
         for text, t in zip(legend, sets):
+            low, high = _bounds(t)
             pos = t["advantage"] > 0 if name.endswith("pos") else t["advantage"] <= 0
-            outside = ((t["ratio"] < 0.8) | (t["ratio"] > 1.2))[pos].mean() * 100
+            outside = ((t["ratio"] < low) | (t["ratio"] > high))[pos].mean() * 100
             assert f"n={int(pos.sum())}," in text and f"{outside:.1f}% outside" in text
     plt.close(fig)
 
 
 def test_plot_scatter_cli_writes_every_format(run_dir, second_run_dir, tmp_path):
     stem = tmp_path / "out" / "scatter"
+    first_step = int(P.token_files(run_dir)[1].stem.split("_")[1])   # from the second dump on
     rc = plot_scatter.main([str(run_dir), str(second_run_dir), "--loss", "grpo", "--loss", "sapo_erf",
-                            "--out", str(stem), "--format", "png", "svg", "--steps", "4:"])
+                            "--out", str(stem), "--format", "png", "svg", "--steps", f"{first_step}:"])
     assert rc == 0
     names = sorted(p.name for p in stem.parent.iterdir())
-    assert names == sorted(["scatter_joint_grpo_run.png", "scatter_joint_grpo_run.svg", "scatter_joint_dgpo_run.png",
-                            "scatter_joint_dgpo_run.svg", "scatter_weights.png", "scatter_weights.svg",
-                            "scatter_ratios.png", "scatter_ratios.svg"])
+    expected = [f"scatter_{kind}.{fmt}" for kind in ("weights", "ratios") for fmt in ("png", "svg")]
+    expected += [f"scatter_joint_{Path(r).resolve().name}.{fmt}" for r in (run_dir, second_run_dir)
+                 for fmt in ("png", "svg")]
+    assert names == sorted(expected)
     for p in stem.parent.glob("*.png"):
         _png_is_a_picture(p)
     rc = plot_scatter.main([str(run_dir), "--plots", "weights", "--out", str(tmp_path / "w"), "--format", "pdf"])

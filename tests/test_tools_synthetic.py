@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,20 +127,33 @@ def make_synthetic_run(path: str | Path, loss: str = "grpo", params: dict | None
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    """A run directory in the RUNDIR.md format (swap for a real short training run when available)."""
+def synthetic_run(tmp_path_factory) -> Path:
     return make_synthetic_run(tmp_path_factory.mktemp("runs") / "grpo_run", "grpo")
 
 
 @pytest.fixture(scope="session")
+def run_dir(synthetic_run) -> Path:
+    """The run the tool tests read: $RLENGINE_TEST_RUN_DIR (a real run directory with metrics.jsonl,
+    tb/ and at least two token dumps) when set, else the synthetic run. Swap here for a fixture
+    that trains a real short run."""
+    real = os.environ.get("RLENGINE_TEST_RUN_DIR")
+    return Path(real) if real else synthetic_run
+
+
+@pytest.fixture(scope="session")
 def second_run_dir(tmp_path_factory) -> Path:
-    """A second run with another loss, for the overlay / side-by-side plots."""
+    """A second run (another loss) for the overlay / side-by-side plots ($RLENGINE_TEST_RUN_DIR2)."""
+    real = os.environ.get("RLENGINE_TEST_RUN_DIR2")
+    if real:
+        return Path(real)
     return make_synthetic_run(tmp_path_factory.mktemp("runs") / "dgpo_run", "dgpo", {"n": 2, "m": 2}, seed=1,
                               tensorboard=False)
 
 
-def test_synthetic_run_has_the_documented_layout(run_dir):
+def test_synthetic_run_has_the_documented_layout(synthetic_run):
     import pandas as pd
+
+    run_dir = synthetic_run
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
