@@ -91,14 +91,15 @@ def run_rlengine(args) -> dict:
                "run.token_dump_every=0", "run.export_final=false", "run.tensorboard=false", "run.resume=never",
                f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
                f"rollout.max_new_tokens={args.max_new_tokens}", "train.num_iterations=1", "train.lr=1e-6",
-               f"model.dtype={args.rlengine_dtype}", f"train.micro_batch_size={args.prompts * args.group // args.nproc}"]
+               f"model.dtype={args.rlengine_dtype}", f"rollout.backend={args.rlengine_backend}", f"train.micro_batch_size={args.prompts * args.group // args.nproc}"]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         if out.returncode != 0:
             raise RuntimeError("rlengine run failed:\n" + out.stdout[-2000:] + out.stderr[-4000:])
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"step_times": [r["time/step"] for r in rows],
-            "phases": {k: statistics.median(r[k] for r in rows[1:]) for k in rows[-1] if k.startswith("time/")}}
+            "phases": {k: statistics.median(r[k] for r in rows[1:]) for k in rows[1]
+                       if k.startswith("time/") and all(k in r for r in rows[1:])}}
 
 
 def summarise(step_times: list[float], samples_per_step: int) -> dict:
@@ -114,7 +115,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--nproc", type=int, default=2, help="rlengine ranks")
-    ap.add_argument("--rlengine-dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--rlengine-dtype", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--rlengine-backend", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--_trl-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._trl_worker:
@@ -130,7 +132,7 @@ def main() -> None:
     result = {"trl": trl, "rlengine": ours, "speedup": ours["samples_per_s"] / trl["samples_per_s"],
               "setup": {"prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens,
                         "steps": args.steps, "trl": "1 process, bf16, HF generate",
-                        "rlengine": f"{args.nproc} ranks ZeRO-3, {args.rlengine_dtype}, HF sampler"}}
+                        "rlengine": f"{args.nproc} ranks ZeRO-3, {args.rlengine_dtype}, {args.rlengine_backend} sampler"}}
     print(json.dumps(result))
 
 
