@@ -71,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=8, help="items per message to a worker")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reward", default="answer_format")
     args = parser.parse_args()
@@ -78,7 +79,7 @@ def main() -> None:
     texts, truths = make_completions(200, seed=0)
     spec = get_reward(args.reward)
     single_rates, pool_rates, single_cpu, pool_cpu = [], [], [], []
-    with RewardPool(num_workers=args.workers, timeout_s=5.0) as pool:
+    with RewardPool(num_workers=args.workers, timeout_s=5.0, chunk_size=args.chunk_size) as pool:
         pool.score(texts[:50], truths[:50], reward=args.reward)  # warm the workers' caches of sympy
         for _ in range(50):
             spec(texts[0], truths[0])                              # and this process's
