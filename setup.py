@@ -15,7 +15,7 @@ setup(
         "gguf",
         "accelerate",
         "safetensors",
-        "math-verify[antlr4_13_2]==0.9.0",
+        "math-verify[antlr4-13-2]==0.9.0",
         "datasets",
         "pyarrow",
         "pyyaml",
