@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # small enough to take seconds per step on 2 CPU cores, big enough to exercise every phase
 TINY = [
-    "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=12",
+    "model.dtype=fp32", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=12",
     "train.num_iterations=2", "train.micro_batch_size=4", "train.mini_batch_prompts=2",
     "data.max_prompt_tokens=512", "reward.num_workers=1", "run.token_dump_every=1",
     "run.tensorboard=true", "train.lr=1e-5", "reward.name=tests.rewards_for_tests:digit_fraction",
