@@ -72,3 +72,22 @@ def test_resume_continues(two_rank_run):
     assert rows[:3] == before
     # the data position continued from the checkpoint instead of restarting
     assert [x["data/draws"] for x in rows] == [2, 4, 6, 8]
+
+
+def test_separate_placement_one_trainer_one_rollout_rank(tmp_path):
+    """`launch/hosts`-style 2 slots: rank 0 trains (ZeRO-3 group of one), rank 1 is a rollout rank
+    with the HF sampler; weights go over the dedicated gloo group in checksummed buckets."""
+    out = tmp_path / "run"
+    r = run_training(tmp_path, 2, TINY + [f"run.output_dir={out}", "run.total_steps=2",
+                                          "rollout.placement=separate", "rollout.num_ranks=1",
+                                          "rollout.bucket_mb=16", "run.export_final=false"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    rows = read_metrics(out)
+    assert [x["step"] for x in rows] == [1, 2]
+    for row in rows:
+        assert row["sync/checksum_ok"] == 1.0
+        assert row["sync/num_buckets"] >= 538_060_032 // (16 << 20)   # the fp32 model in 16 MB buckets
+        assert row["sync/bytes"] == 538_060_032
+        assert row["sync/probe_abs_diff"] < 1e-3                       # the rollout rank holds the new weights
+    assert any(x["ratio_max"] > 1 + 1e-4 or x["ratio_min"] < 1 - 1e-4 for x in rows)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
