@@ -118,8 +118,7 @@ def run_updates(actor, cfg: Config, ctx, batch, old_logp, ref_logp, advantages, 
             for mi in micro:
                 mb = subset(batch, mi)
                 mask = mb.resp_mask
-                want_entropy = True
-                logp, entropy = actor.logprobs(mb, cfg.rollout.temperature, with_entropy=want_entropy)
+                logp, entropy = actor.logprobs(mb, cfg.rollout.temperature, with_entropy=True)
                 old = logp.detach() if old_logp is None else old_logp[mi]   # None: on-policy single update
                 out = policy_loss(lc.name, logp, old, advantages[mi], mask, agg=lc.agg,
                                   max_len=max_len, **lc.params)
