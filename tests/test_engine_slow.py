@@ -62,8 +62,9 @@ def test_kill9_and_resume(tmp_path):
     assert log.count("resumed from") >= 2 and "step_000004" in log
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 8))       # no gap, no duplicate
-    saved = json.loads((out / "checkpoints" / "step_000004" / "state.json").read_text())["data"]
-    assert saved["draws"] == 4 * 2                                 # 2 prompts per step
+    # keep_last=2 leaves step 6 (re-saved after the mid-save kill) and step 7
+    saved = json.loads((out / "checkpoints" / "step_000006" / "state.json").read_text())["data"]
+    assert saved["draws"] == 6 * 2                                 # 2 prompts per step
     assert [r["data/draws"] for r in rows] == [2 * s for s in range(1, 8)]   # continued, not restarted
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000007"
