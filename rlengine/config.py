@@ -69,6 +69,7 @@ class ModelConfig:
 class DataSource:
     preset: str = _opt("arithmetic", "arithmetic | gsm8k | math | deepmath | dapo | aime | custom")
     path: Optional[str] = _opt(None, "JSONL / Parquet file, a `datasets` directory or hub name; None = bundled set")
+    subset: Optional[str] = _opt(None, "hub configuration name (GSM8K: main); for a local snapshot, the folder of that name")
     split: str = _opt("train", "split to read (bundled set: train | test)")
     weight: float = _opt(1.0, "mixture weight", gt=0)
     prompt_field: Optional[str] = _opt(None, "question field (custom mapping / override)")
@@ -79,6 +80,7 @@ class DataSource:
 class DataConfig:
     preset: str = _opt("arithmetic", "single-source shorthand, see DataSource")
     path: Optional[str] = _opt(None, "single-source shorthand, see DataSource")
+    subset: Optional[str] = _opt(None, "single-source shorthand, see DataSource")
     split: str = _opt("train", "single-source shorthand, see DataSource")
     prompt_field: Optional[str] = _opt(None, "single-source shorthand, see DataSource")
     answer_field: Optional[str] = _opt(None, "single-source shorthand, see DataSource")

@@ -261,8 +261,14 @@ def _reader_for(path: Path) -> Callable[[Path], Iterator] | None:
     return _FILE_READERS.get(path.suffix.lower())
 
 
-def iter_rows(path: str | None, split: str = "train", preset: str = "arithmetic") -> Iterator[tuple[str, int, Any]]:
-    """(file label, 1-based row, raw row) for every row of a source (see the module docstring)."""
+def iter_rows(path: str | None, split: str = "train", preset: str = "arithmetic",
+              subset: str | None = None) -> Iterator[tuple[str, int, Any]]:
+    """(file label, 1-based row, raw row) for every row of a source (see the module docstring).
+
+    `subset` is a hub dataset's configuration name (GSM8K's `main` or `socratic`): passed to
+    `datasets.load_dataset`, and for a local directory (a hub snapshot) it picks the files under
+    a folder of that name.
+    """
     if path is None:
         if preset != "arithmetic":
             raise DataError(f"data preset {preset!r} needs data.path (only 'arithmetic' has a bundled set)")
@@ -288,9 +294,11 @@ def iter_rows(path: str | None, split: str = "train", preset: str = "arithmetic"
                 ds = ds[split]
             yield from _iter_dataset(ds, f"{local}[{split}]")
             return
-        files = sorted(p for p in local.rglob("*") if p.is_file() and _reader_for(p) and split in p.name)
+        files = sorted(p for p in local.rglob("*") if p.is_file() and _reader_for(p) and split in p.name
+                       and (subset is None or subset in p.relative_to(local).parts[:-1]))
         if not files:
-            raise DataError(f"{local}: no .jsonl / .parquet file with {split!r} in its name, "
+            where = f" under a folder {subset!r}" if subset else ""
+            raise DataError(f"{local}: no .jsonl / .parquet file with {split!r} in its name{where}, "
                             "and not a directory saved by datasets")
         for file in files:
             yield from _reader_for(file)(file)
@@ -300,10 +308,12 @@ def iter_rows(path: str | None, split: str = "train", preset: str = "arithmetic"
     try:
         from datasets import load_dataset
 
-        ds = load_dataset(path, split=split)
+        ds = load_dataset(path, subset, split=split)
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
-        raise DataError(f"cannot load dataset {path!r} (split {split!r}) with datasets.load_dataset "
-                        f"(no internet? a typo?): {exc}") from exc
+        what = f"{path!r} (subset {subset!r}, split {split!r})" if subset else f"{path!r} (split {split!r})"
+        raise DataError(f"cannot load dataset {what} with datasets.load_dataset "
+                        f"(no internet? a typo? a dataset with several configurations needs "
+                        f"data.subset): {exc}") from exc
     yield from _iter_dataset(ds, f"{path}[{split}]")
 
 
@@ -311,7 +321,7 @@ def load_examples(source_cfg, *, skip_bad_rows: bool | None = None, stats: dict 
                   name: str | None = None) -> list[Example]:
     """Every good row of one source as Examples (no tokenizer needed: usable by evaluation tools).
 
-    `source_cfg` has DataSource's attributes (preset, path, split, prompt_field, answer_field);
+    `source_cfg` has DataSource's attributes (preset, path, subset, split, prompt_field, answer_field);
     `skip_bad_rows` defaults to the object's own attribute (else False). Bad rows go to
     `stats["bad_rows"]` when skipped.
     """
@@ -325,7 +335,7 @@ def load_examples(source_cfg, *, skip_bad_rows: bool | None = None, stats: dict 
     path, split = getattr(source_cfg, "path", None), getattr(source_cfg, "split", "train")
     source = name or preset_name
     examples = []
-    for label, row_no, row in iter_rows(path, split, preset_name):
+    for label, row_no, row in iter_rows(path, split, preset_name, getattr(source_cfg, "subset", None)):
         try:
             if isinstance(row, _BadRow):
                 raise ValueError(row.reason)

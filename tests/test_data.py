@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Src:  # DataSource-like (the real one lives in rlengine.config; data.py reads attributes only)
     preset: str = "arithmetic"
     path: str | None = None
+    subset: str | None = None
     split: str = "train"
     weight: float = 1.0
     prompt_field: str | None = None
@@ -139,6 +140,26 @@ def test_datasets_directory_and_split(tmp_path):
     (tmp_path / "hub").mkdir()
     pq.write_table(pa.Table.from_pylist(DAPO_ROWS), tmp_path / "hub" / "train-00000-of-00001.parquet")
     assert [e.answer for e in load_examples(Src(preset="dapo", path=str(tmp_path / "hub")))] == ["6"]
+
+
+def test_hub_snapshot_subset_picks_the_configuration_folder(tmp_path):
+    # a local copy of openai/gsm8k keeps one folder per configuration: main/ and socratic/
+    for subset, rows in (("main", GSM8K_ROWS), ("socratic", GSM8K_ROWS[:1])):
+        (tmp_path / "gsm8k" / subset).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm8k" / subset / "train-00000-of-00001.parquet")
+    path = str(tmp_path / "gsm8k")
+    assert [e.answer for e in load_examples(Src(preset="gsm8k", path=path, subset="main"))] == ["72", "2400"]
+    assert [e.answer for e in load_examples(Src(preset="gsm8k", path=path, subset="socratic"))] == ["72"]
+    assert len(load_examples(Src(preset="gsm8k", path=path))) == 3  # no subset: every train file
+    with pytest.raises(DataError, match="under a folder 'mian'"):
+        load_examples(Src(preset="gsm8k", path=path, subset="mian"))
+
+
+def test_subset_is_a_config_key():
+    from rlengine.config import load_config
+
+    cfg = load_config(None, ["data.subset=main"])
+    assert cfg.data.subset == "main"
 
 
 # ------------------------------------------------------------------ bad rows

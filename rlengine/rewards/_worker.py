@@ -1,7 +1,9 @@
-"""A reward worker process (started by RewardPool as `python -m rlengine.rewards._worker R W T`).
+"""A reward worker process (started by RewardPool as `python -m rlengine.rewards._worker R W`).
 
 Reads newline-delimited JSON requests from fd R and writes one JSON line per scored item to fd W
-(stdout stays free for anything a user reward prints). T is math-verify's own timeout in seconds.
+(stdout stays free for anything a user reward prints). math-verify's own SIGALRM timeout is off
+here: the pool kills a worker whose item overruns, which also bounds C-level calls that SIGALRM
+cannot interrupt, and arming the alarm on every parse / verify costs ~5 % of the item's time.
 Requests:  {"op": "score", "ref": "module:function", "items": [[id, text, ground_truth], ...]}
            {"op": "exit"}
 Replies:   {"op": "ready"} once after the warm-up import,
@@ -12,6 +14,7 @@ Keep this process light: math-verify only, never torch; the pool sets OMP_NUM_TH
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import traceback
@@ -23,14 +26,16 @@ def _write(out, message: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    read_fd, write_fd, verify_timeout = int(argv[0]), int(argv[1]), int(argv[2])
+    read_fd, write_fd = int(argv[0]), int(argv[1])
     requests = os.fdopen(read_fd, "r", encoding="utf-8")
     replies = os.fdopen(write_fd, "w", encoding="utf-8")
 
     from rlengine.rewards import math_answer
     from rlengine.rewards.registry import get_reward
 
-    math_answer.VERIFY_TIMEOUT_S = verify_timeout if verify_timeout > 0 else None
+    math_answer.VERIFY_TIMEOUT_S = None  # the pool's hard kill is the timeout (see above)
+    # math-verify warns on every call made without its own timeout; here that is by design
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     math_answer.math_reward("<answer>\\frac{1}{2}</answer>", "0.5")  # warm-up: sympy, antlr, caches
     _write(replies, {"op": "ready", "pid": os.getpid()})
 
