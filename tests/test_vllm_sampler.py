@@ -143,3 +143,54 @@ def test_bad_pushes_are_refused_before_vllm_sees_them(env):
     sampler.sleep()  # CPU: a documented no-op
     sampler.wake()
     assert len(sampler.generate(prompts[:1], 1, SamplingParams(greedy=True, max_new_tokens=2))) == 1
+
+
+_OWNER = """
+import sys, time
+import psutil
+from rlengine.rollout.vllm_sampler import VLLMSampler
+if __name__ == "__main__":  # vLLM spawns its engine: the main module must be importable
+    sampler = VLLMSampler(sys.argv[1], dtype="fp32", kv_cache_gb=0.25, max_model_len=256, in_process=False,
+                          num_threads=1)
+    print("ENGINE", " ".join(str(c.pid) for c in psutil.Process().children(recursive=True)), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_spawned_engine_dies_with_its_killed_owner(embedded_model_dir, tmp_path):
+    """A trainer rank killed with SIGKILL cannot shut its vLLM engine down; the engine's
+    watchdog must end it (before, a 2 GB engine lived on as an orphan)."""
+    pytest.importorskip("vllm")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "owner.py"
+    script.write_text(_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), embedded_model_dir], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = ""
+        deadline = time.monotonic() + 300
+        while not line.startswith("ENGINE") and time.monotonic() < deadline:
+            line = owner.stdout.readline()
+            if not line and owner.poll() is not None:
+                break
+        engine = [int(p) for p in line.split()[1:]]
+        assert engine, f"the owner never reported its engine processes (exit code {owner.poll()})"
+        assert all(psutil.pid_exists(p) for p in engine)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 30
+        alive = engine
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = [p for p in engine if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"engine processes outlived their killed owner: {alive}"
+    finally:
+        if owner.poll() is None:
+            owner.kill()

@@ -131,6 +131,33 @@ class RlengineWorkerExtension:
         self._rlengine_refresh_tied_lm_head()
         return loaded
 
+    def rlengine_exit_with(self, owner_pid: int, poll_s: float = 2.0) -> None:
+        """End the engine when the process that owns it disappears (a trainer rank killed with
+        SIGKILL cannot shut its engine down; without this the engine, ~2 GB, lived on as an
+        orphan). A daemon thread polls `owner_pid`; once it is gone it kills the engine's other
+        processes between here and the owner, then this one."""
+        import signal
+        import threading
+        import time
+
+        def watch():
+            while True:
+                time.sleep(poll_s)
+                try:
+                    os.kill(owner_pid, 0)
+                except ProcessLookupError:
+                    parent = os.getppid()
+                    if parent not in (1, owner_pid):
+                        try:
+                            os.kill(parent, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    os._exit(1)
+                except PermissionError:  # alive, owned by someone else
+                    pass
+
+        threading.Thread(target=watch, name="rlengine-exit-with-owner", daemon=True).start()
+
     def _rlengine_refresh_tied_lm_head(self) -> None:
         """A tied lm_head shares embed_tokens' weight, but on CPU its GEMM runs on a packed copy
         made at load time; reload skips the tied lm_head, so that copy would stay stale (measured:
@@ -203,6 +230,8 @@ class VLLMSampler(Sampler):
                     os.environ["OMP_NUM_THREADS"] = saved_omp
         from vllm.platforms import current_platform
 
+        if not in_process:
+            self.llm.collective_rpc("rlengine_exit_with", args=(os.getpid(),))
         self.sleep_supported = bool(on_gpu and current_platform.is_sleep_mode_available())
         self._asleep = False
         self.tokenizer = self.llm.get_tokenizer()
