@@ -47,15 +47,15 @@ def make_sampler(cfg: Config, ctx, model_path: str, tokenizer) -> Sampler:
 # --------------------------------------------------------------------------- weight push
 
 def _probe_gap(actor, sampler_logprobs: list[float], probe, temperature: float) -> float:
+    """`probe_gap` of the sampler's log-probs of the probe against the actor's recomputation."""
     from rlengine.actor import make_batch
+    from rlengine.weight_sync import probe_gap
 
     prompt, response = probe
     batch = make_batch([prompt], [response], pad_id=0)
     with torch.no_grad():
         logp, _ = actor.logprobs(batch, temperature, with_entropy=False)
-    trainer = logp[0, :len(response)]
-    sampler = torch.tensor(sampler_logprobs[:len(response)], dtype=torch.float32)
-    return float((trainer - sampler).abs().mean())
+    return probe_gap(sampler_logprobs[:len(response)], logp[0, :len(response)])
 
 
 def push_weights(actor, sampler, ctx, cfg: Config, probe=None) -> dict:

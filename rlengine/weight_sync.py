@@ -7,7 +7,8 @@ Owns:
     `.receive(apply_fn)` on the rollout ranks of a dedicated process group (gloo on CPU, NCCL on
     GPU; `new_sync_group` builds one with a timeout).
   * `local_push(sampler, named_tensors)`: the colocated placement (no broadcast).
-  * `probe_abs_diff(...)`: mean |sampler log-prob - trainer log-prob| on a fixed sequence.
+  * `probe_gap(...)` / `probe_abs_diff(...)`: mean |sampler log-prob - trainer log-prob| on a fixed
+    sequence (the latter scores it with an in-process sampler first).
 
 Wire protocol of one push (all collectives on `group`; every wait is bounded by `timeout_s`, the
 manifest's object broadcast by the group's own timeout, which `new_sync_group` sets):
@@ -508,19 +509,29 @@ def local_push(sampler, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> di
             "sync/num_buckets": 0.0, "sync/checksum_ok": 1.0}
 
 
-def probe_abs_diff(sampler, trainer_logprobs_fn: Callable[[list[int], list[int]], torch.Tensor | list[float]],
-                   probe_prompt_ids: list[int], probe_response_ids: list[int], threshold: float | None = None,
-                   temperature: float = 1.0) -> dict:
-    """Mean |sampler log-prob - trainer log-prob| of a fixed sequence after a push.
+def probe_gap(sampler_logprobs, trainer_logprobs, threshold: float | None = None) -> float:
+    """Mean |sampler log-prob - trainer log-prob| over the probe's response tokens ([T] each).
 
-    `trainer_logprobs_fn(prompt_ids, response_ids)` returns the trainer's log-probs of the
-    response tokens ([T]) at `temperature`. Logs a warning above `threshold`."""
-    sampler_lp = torch.tensor(sampler.score(probe_prompt_ids, probe_response_ids, temperature), dtype=torch.float64)
-    trainer_lp = torch.as_tensor(trainer_logprobs_fn(probe_prompt_ids, probe_response_ids), dtype=torch.float64).reshape(-1)
+    The one definition of `sync/probe_abs_diff`, whichever rank computed the sampler's side.
+    Logs a warning above `threshold`."""
+    sampler_lp = torch.as_tensor(sampler_logprobs, dtype=torch.float64).reshape(-1)
+    trainer_lp = torch.as_tensor(trainer_logprobs, dtype=torch.float64).reshape(-1)
     if sampler_lp.shape != trainer_lp.shape:
         raise WeightSyncError(f"probe: sampler gave {sampler_lp.numel()} log-probs, trainer {trainer_lp.numel()}")
     diff = float((sampler_lp - trainer_lp).abs().mean()) if sampler_lp.numel() else 0.0
     if threshold is not None and diff > threshold:
         log.warning("weight sync probe: sampler/trainer log-prob gap %.4f exceeds %.4f (stale or wrong weights?)",
                     diff, threshold)
-    return {"sync/probe_abs_diff": diff}
+    return diff
+
+
+def probe_abs_diff(sampler, trainer_logprobs_fn: Callable[[list[int], list[int]], torch.Tensor | list[float]],
+                   probe_prompt_ids: list[int], probe_response_ids: list[int], threshold: float | None = None,
+                   temperature: float = 1.0) -> dict:
+    """`probe_gap` of a fixed sequence scored by an in-process `sampler` after a push.
+
+    `trainer_logprobs_fn(prompt_ids, response_ids)` returns the trainer's log-probs of the
+    response tokens ([T]) at `temperature`."""
+    sampler_lp = sampler.score(probe_prompt_ids, probe_response_ids, temperature)
+    trainer_lp = trainer_logprobs_fn(probe_prompt_ids, probe_response_ids)
+    return {"sync/probe_abs_diff": probe_gap(sampler_lp, trainer_lp, threshold)}

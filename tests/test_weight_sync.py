@@ -233,3 +233,12 @@ def test_local_push_copies_refuses_non_finite_and_checks_names():
     assert fresh.loaded is None
     with pytest.raises(WeightSyncError, match="different set"):
         local_push(_RecordingSampler(drop=first), named)
+
+
+def test_probe_gap_is_the_mean_absolute_difference():
+    from rlengine.weight_sync import WeightSyncError, probe_gap
+
+    assert probe_gap([-0.5, -1.0, -2.0], torch.tensor([-0.25, -1.0, -2.5])) == pytest.approx((0.25 + 0 + 0.5) / 3)
+    assert probe_gap([], []) == 0.0
+    with pytest.raises(WeightSyncError, match="sampler gave 2 log-probs, trainer 3"):
+        probe_gap([-1.0, -1.0], [-1.0, -1.0, -1.0])
