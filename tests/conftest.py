@@ -4,10 +4,14 @@
 ~20 s the very first time, then cached under `$RLENGINE_CACHE` / `~/.cache/rlengine`).
 `tiny_llama_config`: a random 2-layer Llama config with tied embeddings, for tests that need a real
 transformers model but not real weights (instant to build).
+`real_run`, `second_real_run`, `run_dir`, `second_run_dir`: real short training runs of the embedded
+default, made once per session (tests/real_runs.py).
 """
 from __future__ import annotations
 
 import pytest
+
+from tests.real_runs import real_run, run_dir, second_real_run, second_run_dir  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -25,15 +25,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(tmp: Path, nproc: int, overrides: list[str], config: str = "configs/default.yaml",
-               ssh: bool = False) -> list[str]:
+def launcher_prefix(tmp: Path, nproc: int, ssh: bool = False) -> list[str]:
+    """The deepspeed launcher on a localhost hostfile (written into `tmp`) with `nproc` slots,
+    up to (not including) the training script."""
     hosts = tmp / "hosts"
     hosts.write_text(f"localhost slots={nproc}\n")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hosts),
            "--master_port", str(free_port())]
     if not ssh:
         cmd += ["--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
-    return cmd + [str(REPO / "rlengine" / "train.py"), "--config", str(REPO / config), *overrides]
+    return cmd
+
+
+def launch_cmd(tmp: Path, nproc: int, overrides: list[str], config: str = "configs/default.yaml",
+               ssh: bool = False) -> list[str]:
+    return launcher_prefix(tmp, nproc, ssh) + [str(REPO / "rlengine" / "train.py"), "--config", str(REPO / config),
+                                               *overrides]
 
 
 def run_env() -> dict:

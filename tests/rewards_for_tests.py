@@ -1,9 +1,15 @@
-"""A reward for short engine tests, named in configs as `tests.rewards_for_tests:digit_fraction`.
+"""Rewards for short engine and tool tests, named as `tests.rewards_for_tests:<function>`.
 
 With a dozen new tokens the answer/format rewards are almost always 0 (no signal, advantages 0);
-this one varies within every group, so the optimizer really moves the policy."""
+`digit_fraction` varies within every group, so the optimizer really moves the policy."""
 
 
 def digit_fraction(text: str, ground_truth: str) -> float:
     """Fraction of the response's characters that are digits."""
     return sum(ch.isdigit() for ch in text) / max(1, len(text))
+
+
+def has_digit(text: str, ground_truth: str) -> float:
+    """1 when the response contains a digit: a 'correct' answer that a dozen tokens of the untrained
+    model reach some of the time, so Pass@k of an evaluation of a short run is neither 0 nor 1."""
+    return float(any(ch.isdigit() for ch in text))

@@ -1,10 +1,14 @@
 """A short real 2-rank training run through the deepspeed launcher (ZeRO-3 on gloo, HF sampler),
-then a second launch that resumes from its last checkpoint."""
+then a second launch that resumes from its last checkpoint.
+
+The run is the session's `real_run` (tests/real_runs.py), which the tool tests read as well; the
+resume test continues a private copy of it."""
 import json
 
 import pytest
 
 from tests.engine_helpers import TINY, read_metrics, run_training
+from tests.real_runs import FIRST_OVERRIDES, clone_run
 
 REQUIRED = ["step", "reward/mean", "loss", "eur", "frac_M", "frac_LN", "frac_HP", "frac_LP", "frac_HN",
             "entropy", "grad_norm", "time/step", "lr", "ratio_min", "ratio_max", "sync/seconds",
@@ -12,17 +16,8 @@ REQUIRED = ["step", "reward/mean", "loss", "eur", "frac_M", "frac_LN", "frac_HP"
             "time/reward", "time/sync", "tokens_per_s"]
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("launch")
-    out = tmp / "run"
-    r = run_training(tmp, 2, TINY + [f"run.output_dir={out}", "run.total_steps=3", "run.save_every=2"])
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
-    return tmp, out, r
-
-
-def test_two_ranks_train_and_log(two_rank_run):
-    _, out, _ = two_rank_run
+def test_two_ranks_train_and_log(real_run):
+    out = real_run.dir
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
@@ -38,12 +33,12 @@ def test_two_ranks_train_and_log(two_rank_run):
     assert any(r["ratio_max"] > 1 + 1e-4 or r["ratio_min"] < 1 - 1e-4 for r in rows)
 
 
-def test_run_directory_contents(two_rank_run):
+def test_run_directory_contents(real_run):
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoModelForCausalLM
 
-    _, out, _ = two_rank_run
+    out = real_run.dir
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000003"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_000002", "step_000003"]
@@ -61,10 +56,11 @@ def test_run_directory_contents(two_rank_run):
     assert torch.isfinite(next(model.parameters())).all()
 
 
-def test_resume_continues(two_rank_run):
-    tmp, out, _ = two_rank_run
+def test_resume_continues(real_run, tmp_path):
+    out = clone_run(real_run.dir, tmp_path / "run")
     before = read_metrics(out)
-    r = run_training(tmp, 2, TINY + [f"run.output_dir={out}", "run.total_steps=4", "run.save_every=2"])
+    overrides = [o for o in FIRST_OVERRIDES if not o.startswith("run.total_steps=")]
+    r = run_training(tmp_path, 2, overrides + [f"run.output_dir={out}", "run.total_steps=4"])
     assert r.returncode == 0, r.stderr[-6000:]
     assert "resumed from" in r.stdout + r.stderr
     rows = read_metrics(out)

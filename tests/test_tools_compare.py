@@ -1,8 +1,11 @@
 """tools/compare_losses.py: per-loss configs, the train-command template, figures and the table.
 
-The train command is a stand-in script (given through --train-cmd, as a user would give another
-launcher) that reads the generated config with rlengine.config and writes a synthetic run in the
-RUNDIR.md format with that config's loss; the real trainer is run by the engine's own tests.
+For real: the session's second real run (tests/real_runs.py) is trained by this tool, its
+--launcher being the deepspeed launcher, and `--plots-only` compares it with the first real run.
+What a short real run cannot show cheaply (four losses, six steps, one run crashing) uses a
+stand-in train command (given through --train-cmd, as a user would give another launcher) that
+reads the generated config with rlengine.config and writes a synthetic run in the RUNDIR.md
+format with that config's loss.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import compare_losses as C  # noqa: E402
+from tests.engine_helpers import read_metrics  # noqa: E402
 
 FAKE_TRAIN = textwrap.dedent('''
     import argparse, sys
@@ -53,8 +57,11 @@ def test_loss_sections():
 def test_train_command_template(tmp_path):
     run = {"label": "grpo", "config": tmp_path / "grpo.yaml", "out_dir": tmp_path / "grpo"}
     cmd = C.train_command(C.DEFAULT_TEMPLATE, run, ["train.lr=1e-5"], "deepspeed --num_gpus 8")
-    assert cmd[:3] == ["deepspeed", "--num_gpus", "8"] and cmd[3] == sys.executable
-    assert cmd[4].endswith("rlengine/train.py") and cmd[-3:] == ["--config", str(tmp_path / "grpo.yaml"), "train.lr=1e-5"]
+    # the launcher runs the script with its own Python: no interpreter between them
+    assert cmd[:3] == ["deepspeed", "--num_gpus", "8"] and cmd[3].endswith("rlengine/train.py")
+    assert cmd[-3:] == ["--config", str(tmp_path / "grpo.yaml"), "train.lr=1e-5"]
+    cmd = C.train_command(C.DEFAULT_TEMPLATE, run, [], "")
+    assert cmd[0] == sys.executable and cmd[1].endswith("rlengine/train.py")
     with pytest.raises(ValueError, match="unknown field"):
         C.train_command("{nope}", run, [], "")
 
@@ -98,3 +105,52 @@ def test_bad_override_fails_before_any_run(tmp_path, capsys):
                  "--train-cmd", "false"])
     assert rc == 2 and "train.lr" in capsys.readouterr().err
     assert not (tmp_path / "x" / "grpo.log").exists()
+
+
+# ----------------------------------------------------------------------------- real runs
+
+def _summary(out: Path) -> dict:
+    return {r["label"]: r for r in json.loads((out / "summary.json").read_text())}
+
+
+def _assert_row_matches_the_run(row: dict, run: Path, last_k: int) -> None:
+    records = read_metrics(run)
+    assert row["steps"] == records[-1]["step"]
+    for name, key in (("reward", "reward/mean"), ("EUR", "eur"), ("entropy", "entropy"), ("s/step", "time/step")):
+        assert row[name] == pytest.approx(sum(r[key] for r in records[-last_k:]) / last_k), name
+
+
+def test_compare_trains_a_real_run_through_the_deepspeed_launcher(second_real_run):
+    """The session's second real run was made by this tool: `--losses dgpo --steps 2 --launcher
+    <deepspeed launcher, 1 slot>` with the TINY overrides as --set (tests/real_runs.py)."""
+    run = second_real_run.dir
+    out = run.parent
+    log = (out / "dgpo.log").read_text()
+    assert "deepspeed.launcher.launch" in log and "rlengine/train.py" in log
+    generated = yaml.safe_load((out / "dgpo.yaml").read_text())
+    assert generated["loss"] == yaml.safe_load((ROOT / "configs" / "dgpo.yaml").read_text())["loss"]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())          # what the trainer ran with
+    assert resolved["loss"]["name"] == "dgpo" and resolved["loss"]["n"] == 2.0
+    assert resolved["run"]["total_steps"] == 2 and resolved["run"]["output_dir"] == str(run)
+    assert resolved["reward"]["name"] == "tests.rewards_for_tests:digit_fraction"   # a --set override
+    row = _summary(out)["dgpo"]
+    assert row["status"] == "ok"
+    _assert_row_matches_the_run(row, run, last_k=2)
+    assert "| dgpo | 2 |" in (out / "summary.md").read_text()
+    for name in ("compare_curves.png", "compare_ratios.png", "compare_weights.png"):
+        assert (out / name).stat().st_size > 10_000, name
+
+
+def test_plots_only_compares_two_real_runs(run_dir, second_run_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "grpo").symlink_to(run_dir)
+    (out / "dgpo").symlink_to(second_run_dir)
+    assert C.main(["--losses", "grpo,dgpo", "--out", str(out), "--plots-only", "--last-k", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| grpo | 3 |" in printed and "| dgpo | 2 |" in printed
+    rows = _summary(out)
+    _assert_row_matches_the_run(rows["grpo"], run_dir, last_k=2)
+    _assert_row_matches_the_run(rows["dgpo"], second_run_dir, last_k=2)
+    for name in ("compare_curves.png", "compare_ratios.png", "compare_weights.png"):
+        assert (out / name).stat().st_size > 10_000, name

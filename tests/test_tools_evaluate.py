@@ -1,8 +1,11 @@
 """tools/evaluate.py: Pass@k / Avg@k reporting, the resumable cache, checkpoint input.
 
-Generation runs for real (HF `generate` through rlengine.rollout on a tiny random Llama with a
-word-level tokenizer), scoring through the real RewardPool and math-verify. Expected metric values
-are computed here with exact binomials (math.comb), independently of rlengine.metrics.
+On the session's real short training run (tests/real_runs.py): its final/ model with the run's
+settings, and its last ZeRO-3 checkpoint, exported on the way, which must generate what final/
+generates. The cache / resume / greedy mechanics run on a tiny random Llama with a word-level
+tokenizer (fast enough to evaluate several times). Generation is real (HF `generate` through
+rlengine.rollout), scoring goes through the real RewardPool and math-verify. Expected metric
+values are computed here with exact binomials (math.comb), independently of rlengine.metrics.
 """
 from __future__ import annotations
 
@@ -123,3 +126,61 @@ def test_checkpoint_input_is_exported_once(zero3_run, tmp_path):
     EV.resolve_model(str(ckpt), export_dir=str(tmp_path / "exported"))       # reused, not redone
     assert (tmp_path / "exported" / "rlengine_export.json").stat().st_mtime_ns == stamp
     assert EV.run_defaults(ckpt) == {}  # its config.yaml has no data / rollout section
+
+
+# ----------------------------------------------------------------------------- a real run
+
+DIGIT = "tests.rewards_for_tests:has_digit"
+
+
+def _cached(cache: Path) -> list[dict]:
+    records = [json.loads(x) for x in (cache / "generations.jsonl").read_text().splitlines()]
+    return sorted(records, key=lambda r: r["index"])
+
+
+def test_cli_on_a_real_run(run_dir, tmp_path, capsys):
+    """A run directory: its final/ model, its system prompt and rollout.max_new_tokens; every number
+    reported follows from the per-sample scores written to the cache."""
+    import yaml
+
+    from tests.rewards_for_tests import has_digit
+
+    out, cache = tmp_path / "res.json", tmp_path / "cache"
+    rc = EV.main([str(run_dir), "--limit", "4", "-n", "4", "--reward", DIGIT, "--backend", "hf",
+                  "--reward-workers", "0", "--no-progress", "--cache", str(cache), "--out", str(out)])
+    assert rc == 0
+    assert "arithmetic" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert report["model"] == str(run_dir / "final") and report["backend"] == "hf"
+    assert report["settings"]["max_new_tokens"] == cfg["rollout"]["max_new_tokens"]
+    assert report["settings"]["system_prompt"] == cfg["data"]["system_prompt"]
+    records = _cached(cache)
+    assert [r["index"] for r in records] == [0, 1, 2, 3] and all(len(r["texts"]) == 4 for r in records)
+    for r in records:
+        assert r["scores"] == [has_digit(t, r["answer"]) for t in r["texts"]]
+        assert all(0 < n <= cfg["rollout"]["max_new_tokens"] for n in r["lengths"])
+    correct = [sum(s >= 1 for s in r["scores"]) for r in records]
+    res = report["results"]["arithmetic"]
+    assert res["problems"] == 4 and report["results"]["overall"] == res
+    assert res["pass@1"] == pytest.approx(sum(correct) / 16)        # the mean per-sample correctness
+    assert res["avg@4"] == pytest.approx(sum(correct) / 16)
+    for k in (2, 4):
+        assert res[f"pass@{k}"] == pytest.approx(sum(exact_pass_at_k(4, c, k) for c in correct) / 4)
+    lengths = [n for r in records for n in r["lengths"]]
+    assert res["mean_response_tokens"] == pytest.approx(sum(lengths) / 16)
+    assert res["truncated_frac"] == pytest.approx(sum(f == "length" for r in records for f in r["finish"]) / 16)
+
+
+def test_real_checkpoint_generates_what_final_generates(run_dir, tmp_path):
+    """The last checkpoint (step 3) is exported once, verified, and greedily generates exactly the
+    texts of final/, the model the trainer saved after the same step."""
+    ckpt = run_dir / "checkpoints" / "step_000003"
+    kw = dict(greedy=True, limit=3, max_new_tokens=12, reward=DIGIT, backend="hf", reward_workers=0, progress=False)
+    from_ckpt = EV.evaluate(str(ckpt), [], cache_dir=str(tmp_path / "c1"), export_dir=str(tmp_path / "hf"), **kw)
+    from_final = EV.evaluate(str(run_dir / "final"), [], cache_dir=str(tmp_path / "c2"), **kw)
+    assert from_ckpt["model"] == str(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "rlengine_export.json").read_text())["state"]["step"] == 3
+    a, b = _cached(tmp_path / "c1"), _cached(tmp_path / "c2")
+    assert [r["texts"] for r in a] == [r["texts"] for r in b] and len(a) == 3
+    assert from_ckpt["results"] == from_final["results"]

@@ -1,6 +1,10 @@
-"""tools/export.py on a real DeepSpeed ZeRO-3 checkpoint.
+"""tools/export.py on real DeepSpeed ZeRO-3 checkpoints.
 
-A subprocess (1 rank, gloo, DS_ACCELERATOR=cpu) trains a tiny random LlamaForCausalLM with tied
+The session's real short training run (tests/real_runs.py: the embedded SmolLM2-135M, 2 ranks,
+checkpoints of steps 2 and 3, final/ written by the trainer after step 3) is exported from its
+run directory and from one checkpoint, reloaded, and compared with final/.
+
+For exact tensor comparisons against an independent truth, a subprocess (1 rank, gloo, DS_ACCELERATOR=cpu) trains a tiny random LlamaForCausalLM with tied
 embeddings for two optimizer steps under ZeRO-3 and saves it with rlengine's own
 CheckpointManager (the trainer's layout: checkpoints/step_000002/{ds,state.json,config.yaml}).
 It also writes the full parameters gathered by DeepSpeed itself (`GatheredParameters`): the
@@ -181,3 +185,44 @@ def test_cli_and_clear_errors(zero3_run, tmp_path):
     bare = zero3_run / "checkpoints" / "step_000002" / "ds"
     with pytest.raises(E.ExportError, match="--base-model"):
         E.export_checkpoint(bare, tmp_path / "y")
+
+
+# ----------------------------------------------------------------------------- a real run
+
+def _logprobs_of(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return E.token_logprobs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), ids)
+
+
+def test_cli_exports_a_real_run_like_its_final_model(run_dir, tmp_path, capsys):
+    """Run directory -> checkpoints/latest (step 3) -> HF directory: the same tensors and log-probs
+    as final/, which the trainer gathered itself after step 3."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "hf"
+    assert E.main([str(run_dir), str(out)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["verified"] and report["max_abs_diff"] <= 1e-6 and report["dtype"] == "fp32"
+    assert report["num_params"] == 134_515_008
+    meta = json.loads((out / "rlengine_export.json").read_text())
+    assert meta["state"]["step"] == 3 and meta["base_model"] == "embedded"
+    saved, final = _load_safetensors(out), _load_safetensors(run_dir / "final")
+    assert set(saved) == set(final)
+    worst = max(float((saved[k] - final[k]).abs().max()) for k in saved)
+    assert worst <= 1e-6, worst
+    ids = E.verification_ids(AutoTokenizer.from_pretrained(out), "What is 3 + 4?", "<answer> 7 </answer>")
+    assert float((_logprobs_of(out, ids) - _logprobs_of(run_dir / "final", ids)).abs().max()) <= 1e-5
+
+
+def test_export_of_an_earlier_real_checkpoint_in_bf16(run_dir, tmp_path):
+    """checkpoints/step_000002 (not the latest) in bf16: verified against its own rounded weights,
+    and holding the step-2 weights, which step 3 then changed."""
+    out = tmp_path / "hf_bf16"
+    report = E.export_checkpoint(run_dir / "checkpoints" / "step_000002", out, dtype="bf16")
+    assert report.verified and report.max_abs_diff <= 1e-6 < report.max_abs_diff_fp32
+    assert json.loads((out / "rlengine_export.json").read_text())["state"]["step"] == 2
+    saved, final = _load_safetensors(out), _load_safetensors(run_dir / "final")
+    assert all(t.dtype == torch.bfloat16 for t in saved.values())
+    moved = [k for k in saved if not torch.equal(saved[k], final[k].to(torch.bfloat16))]
+    assert moved                                                          # step 3 trained on top of it

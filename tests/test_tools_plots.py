@@ -1,15 +1,18 @@
 """tools/plot_scatter.py, tools/plot_curves.py and their helpers (tools/_plotting.py).
 
-The run directories come from the `run_dir` / `second_run_dir` fixtures (a synthetic run in the
-exact RUNDIR.md format whose weights come from the real loss zoo); swap them for real runs and
-every test still applies. Expected values are computed here independently: hand formulas from
-papers.md, the region thresholds, a hand EMA.
+The run directories are real short training runs of the embedded default, made once per session
+(`run_dir`: GRPO, 2 ranks, 3 steps; `second_run_dir`: DGPO, 1 rank, 2 steps; tests/real_runs.py).
+A tiny real run leaves most regions empty, so the figure tests whose point is the regions run on
+the synthetic run of tests/test_tools_synthetic.py (every region populated) as well. Expected
+values are computed here independently: hand formulas from papers.md, the region thresholds, a
+hand EMA, the token counts the trainer logged in metrics.jsonl.
 """
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +26,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 import _plotting as P  # noqa: E402
 import plot_curves  # noqa: E402
 import plot_scatter  # noqa: E402
-from tests.test_tools_synthetic import run_dir, second_run_dir, synthetic_run  # noqa: E402,F401  (fixtures)
+from tests.real_runs import clone_run, dumped_steps, metrics_by_step  # noqa: E402
+from tests.test_tools_synthetic import synthetic_run  # noqa: E402,F401  (fixture)
+
+BOTH_RUNS = pytest.mark.parametrize("which", ["run_dir", "synthetic_run"])
 
 
 def _axes(fig, prefix: str) -> dict:
@@ -140,8 +146,39 @@ def test_read_tokens_filters_and_validates(run_dir, tmp_path):
         P.read_tokens(bad)
 
 
-def test_dumped_weights_agree_with_the_loss_zoo(run_dir):
+def test_token_dumps_hold_every_response_token_of_each_update(run_dir, second_run_dir):
+    """Each dump holds, for every optimizer update of its step, each response token of the main rank's
+    sequences: with one rank that is every token the step logged (response_len/mean x samples)."""
+    import yaml
+
+    for run, ranks in ((run_dir, 2), (second_run_dir, 1)):
+        rollout = yaml.safe_load((run / "config.yaml").read_text())["rollout"]
+        samples = rollout["prompts_per_step"] * rollout["group_size"]
+        metrics = metrics_by_step(run)
+        assert dumped_steps(run) == sorted(metrics)                       # run.token_dump_every=1
+        for step in dumped_steps(run):
+            tokens = P.read_tokens(run, step, step)
+            row = metrics[step]
+            total = round(row["response_len/mean"] * samples)
+            assert round(row["tokens_per_s"] * row["time/step"]) == total
+            per_update = tokens.groupby("update").size()
+            assert list(per_update.index) == list(range(int(row["optimizer_updates"])))
+            local = tokens[tokens["update"] == 0]
+            assert local["seq"].nunique() == samples // ranks
+            for _, seq in local.groupby("seq"):                          # positions 0..len-1 of one response
+                assert sorted(seq["pos"]) == list(range(len(seq)))
+                assert len(seq) <= row["response_len/max"]
+            assert (per_update == len(local)).all()                       # every update saw the same tokens
+            if ranks == 1:
+                assert len(local) == total
+            else:
+                assert len(local) <= total
+
+
+@BOTH_RUNS
+def test_dumped_weights_agree_with_the_loss_zoo(which, request):
     """The run's own loss recomputed from (ratio, advantage) gives the dumped rel_weight and region."""
+    run_dir = request.getfixturevalue(which)
     tokens = P.read_tokens(run_dir)
     spec = P.run_loss_spec(run_dir, tokens)
     eps_low, eps_high = float(tokens["eps_low"].iloc[0]), float(tokens["eps_high"].iloc[0])
@@ -153,7 +190,9 @@ def test_dumped_weights_agree_with_the_loss_zoo(run_dir):
 
 # ----------------------------------------------------------------------------- plot_scatter
 
-def test_joint_figure_has_log_axes_bounds_and_all_regions(run_dir):
+@BOTH_RUNS
+def test_joint_figure_has_log_axes_bounds_and_all_regions(which, request):
+    run_dir = request.getfixturevalue(which)
     tokens = P.read_tokens(run_dir)
     fig = plot_scatter.joint_figure(tokens, "run")
     panels = _axes(fig, "joint:")
@@ -177,10 +216,11 @@ def test_joint_figure_has_log_axes_bounds_and_all_regions(run_dir):
     plt.close(fig)
 
 
-def test_weights_figure_shows_each_loss_weights(run_dir):
+@BOTH_RUNS
+def test_weights_figure_shows_each_loss_weights(which, request):
     import matplotlib.pyplot as plt
 
-    tokens = P.read_tokens(run_dir)
+    tokens = P.read_tokens(request.getfixturevalue(which))
     specs = [P.parse_loss_spec("grpo"), P.parse_loss_spec("dgpo:n=2,m=2")]
     fig = plot_scatter.weights_figure(tokens, specs, "run", max_points=10**9)
     panels = _axes(fig, "weights:")
@@ -236,6 +276,25 @@ def test_plot_scatter_cli_writes_every_format(run_dir, second_run_dir, tmp_path)
     assert rc == 0 and (tmp_path / "w_weights.pdf").read_bytes()[:4] == b"%PDF"
 
 
+def _run_script(name: str, *args) -> list[str]:
+    """Run tools/<name> as a user would; returns the lines it printed (the files it wrote)."""
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout.split()
+
+
+def test_plot_scatter_script_writes_next_to_the_run(run_dir, tmp_path):
+    """Default STEM <run>/plots/scatter, all three figures (on a private copy of the run)."""
+    run = clone_run(run_dir, tmp_path / "run")
+    printed = _run_script("plot_scatter.py", run)
+    written = sorted((run / "plots").iterdir())
+    assert [p.name for p in written] == ["scatter_joint.png", "scatter_ratios.png", "scatter_weights.png"]
+    assert sorted(printed) == [str(p) for p in written]
+    for p in written:
+        _png_is_a_picture(p)
+
+
 def test_plot_scatter_cli_errors(run_dir, tmp_path, capsys):
     assert plot_scatter.main([str(tmp_path / "missing")]) == 2
     assert "no per-token dumps" in capsys.readouterr().err
@@ -265,6 +324,12 @@ def test_curves_figure_plots_the_smoothed_metrics(run_dir, second_run_dir):
             assert np.allclose(lines[label].get_ydata(), want)
             assert np.array_equal(lines[label].get_xdata(), df["step"].to_numpy(dtype=float))
     plt.close(fig)
+
+
+def test_plot_curves_script_writes_next_to_the_run(run_dir, tmp_path):
+    run = clone_run(run_dir, tmp_path / "run")
+    assert _run_script("plot_curves.py", run) == [str(run / "plots" / "curves.png")]
+    _png_is_a_picture(run / "plots" / "curves.png")
 
 
 def test_plot_curves_cli(run_dir, second_run_dir, tmp_path, capsys):

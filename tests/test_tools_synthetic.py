@@ -4,14 +4,14 @@
 metrics.jsonl (every documented key), tb/ (the same scalars) and tokens/step_*.parquet whose
 weights / regions come from the real loss zoo (`rlengine.losses.policy_loss`) applied to random
 but plausible ratios: low-probability tokens move more, later updates of a step move further.
-The tool tests take the run directory from the `run_dir` fixture below, so it can be swapped for
-a real short training run.
+The tool tests read real short training runs (tests/real_runs.py); this synthetic run is for
+what a tiny real run cannot show, e.g. every one of the five regions populated (the figure tests
+run on both), and for tools/compare_losses.py's stand-in trainer.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -129,25 +129,6 @@ def make_synthetic_run(path: str | Path, loss: str = "grpo", params: dict | None
 @pytest.fixture(scope="session")
 def synthetic_run(tmp_path_factory) -> Path:
     return make_synthetic_run(tmp_path_factory.mktemp("runs") / "grpo_run", "grpo")
-
-
-@pytest.fixture(scope="session")
-def run_dir(synthetic_run) -> Path:
-    """The run the tool tests read: $RLENGINE_TEST_RUN_DIR (a real run directory with metrics.jsonl,
-    tb/ and at least two token dumps) when set, else the synthetic run. Swap here for a fixture
-    that trains a real short run."""
-    real = os.environ.get("RLENGINE_TEST_RUN_DIR")
-    return Path(real) if real else synthetic_run
-
-
-@pytest.fixture(scope="session")
-def second_run_dir(tmp_path_factory) -> Path:
-    """A second run (another loss) for the overlay / side-by-side plots ($RLENGINE_TEST_RUN_DIR2)."""
-    real = os.environ.get("RLENGINE_TEST_RUN_DIR2")
-    if real:
-        return Path(real)
-    return make_synthetic_run(tmp_path_factory.mktemp("runs") / "dgpo_run", "dgpo", {"n": 2, "m": 2}, seed=1,
-                              tensorboard=False)
 
 
 def test_synthetic_run_has_the_documented_layout(synthetic_run):

@@ -21,8 +21,10 @@ Then, from the run directories:
 The table is printed too. Exit status 1 when a run failed (the others are still compared).
 
 Train command template (--train-cmd), formatted then split like a shell line:
-  default  "{launcher} {python} {repo}/rlengine/train.py --config {config} {overrides}"
+  default  "{launcher} {repo}/rlengine/train.py --config {config} {overrides}"
   fields   {python} {repo} {config} {out_dir} {label} {overrides} {launcher}
+{launcher} is --launcher, or the Python interpreter when --launcher is not given: a launcher such as
+deepspeed runs the script with its own Python, so the interpreter must not follow it.
 e.g. --train-cmd "{python} -m rlengine train --nproc 2 --config {config} {overrides}".
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 import _plotting as P  # noqa: E402
 
-DEFAULT_TEMPLATE = "{launcher} {python} {repo}/rlengine/train.py --config {config} {overrides}"
+DEFAULT_TEMPLATE = "{launcher} {repo}/rlengine/train.py --config {config} {overrides}"
 CURVE_METRICS = ["reward/mean", "reward/answer", "reward/format", "entropy", "eur", "clip_frac", "frac_LN",
                  "frac_HP", "response_len/mean", "kl_old"]
 TABLE = [("reward", "reward/mean"), ("answer", "reward/answer"), ("format", "reward/format"), ("entropy", "entropy"),
@@ -112,7 +114,7 @@ def train_command(template: str, run: dict, sets: list[str], launcher: str) -> l
     fields = {"python": shlex.quote(sys.executable), "repo": shlex.quote(str(REPO)),
               "config": shlex.quote(str(run["config"])), "out_dir": shlex.quote(str(run["out_dir"])),
               "label": shlex.quote(run["label"]), "overrides": " ".join(shlex.quote(s) for s in sets),
-              "launcher": launcher}
+              "launcher": launcher or shlex.quote(sys.executable)}
     try:
         return shlex.split(template.format(**fields))
     except KeyError as e:
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="run.total_steps of every run (default: the config's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run, repeatable")
     ap.add_argument("--last-k", type=int, default=5, help="steps averaged for the table (default 5)")
-    ap.add_argument("--launcher", default="", help="prefix of the train command, e.g. 'deepspeed --num_gpus 8'")
+    ap.add_argument("--launcher", default="", help="what runs rlengine/train.py, e.g. 'deepspeed --num_gpus 8' (default: this Python)")
     ap.add_argument("--train-cmd", default=DEFAULT_TEMPLATE, help="train command template (see the module doc)")
     ap.add_argument("--skip-existing", action="store_true", help="skip runs whose metrics already reach --steps")
     ap.add_argument("--plots-only", action="store_true", help="no training: compare the existing run directories")
