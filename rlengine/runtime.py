@@ -55,3 +55,21 @@ def configure_process(local_world_size: int | None = None, threads: int | None =
 
     torch.set_num_threads(count)
     return count
+
+
+def memory_gb() -> dict[str, float]:
+    """This process's memory now: resident set (`mem/rss_gb`), its peak since start
+    (`mem/peak_rss_gb`) and, on CUDA, the peak of allocated device memory (`mem/gpu_peak_gb`)."""
+    import resource
+
+    import torch
+
+    out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)}  # KiB on Linux
+    try:
+        with open("/proc/self/statm") as f:
+            out["mem/rss_gb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 30)
+    except OSError:  # not Linux
+        pass
+    if torch.cuda.is_available():
+        out["mem/gpu_peak_gb"] = torch.cuda.max_memory_allocated() / (1 << 30)
+    return out

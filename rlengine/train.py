@@ -226,13 +226,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return rollout_rank_main(cfg, ctx)
     try:
-        return train(cfg, ctx)
-    except TrainingStopped as e:
+        code = train(cfg, ctx)
+    except TrainingStopped as e:  # every trainer rank stops at the same step
         if ctx.is_main:
             print(f"rlengine: training stopped: {e}", file=sys.stderr)
-        return 3
-    finally:
-        barrier()
+        code = 3
+    # no barrier after an exception: a rank that raised exits at once with its traceback and the
+    # launcher stops the others (a barrier there hung forever beside a rank inside a collective)
+    barrier()
+    return code
 
 
 def train(cfg: Config, ctx) -> int:
@@ -249,6 +251,7 @@ def train(cfg: Config, ctx) -> int:
     from rlengine.placement import make_sampler, push_weights
     from rlengine.rewards import RewardPool
     from rlengine.rollout.base import SamplingParams
+    from rlengine.runtime import memory_gb
 
     out_dir = Path(cfg.run.output_dir)
     group = ctx.trainer_group
@@ -398,6 +401,8 @@ def train(cfg: Config, ctx) -> int:
             "data/epoch": float(prompts.state_dict()["sources"][0]["epoch"]),
             "data/index": float(prompts.state_dict()["sources"][0]["index"]),
         }
+        mem = memory_gb()   # the largest trainer rank's
+        record.update(zip(mem, all_reduce(list(mem.values()), op="max", group=group)))
         if tokens is not None:
             tokens["step"] = torch.full_like(tokens["seq"], step)
             write_token_dump(out_dir / "tokens" / f"step_{step:06d}.parquet", tokens, cfg.loss.name,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import REPO, TINY, launch_cmd, read_metrics, run_env, run_training
+from tests.engine_helpers import REPO, TINY, free_port, launch_cmd, read_metrics, run_env, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_plain_hostfile_launch_through_sshd(tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "user_key")], check=True)
     shutil.copy(d / "user_key.pub", d / "authorized_keys")
-    port = __import__("tests.engine_helpers", fromlist=["free_port"]).free_port()
+    port = free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
         "PermitRootLogin yes\nStrictModes no\nPasswordAuthentication no\nUsePAM no\nPidFile none\n"
@@ -103,9 +103,18 @@ def test_plain_hostfile_launch_through_sshd(tmp_path):
         check = subprocess.run(["ssh", "localhost", "hostname"], env=env, capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stderr
         out = tmp_path / "run"
-        r = subprocess.run(launch_cmd(tmp_path, 2, TINY + [f"run.output_dir={out}", "run.total_steps=2"], ssh=True),
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        # the README's plain form, literally: the `deepspeed` script and the shipped launch/hosts
+        cmd = [shutil.which("deepspeed", path=env["PATH"]) or "deepspeed", "--hostfile", "launch/hosts",
+               "--master_port", str(free_port()), "rlengine/train.py", "--config", "configs/default.yaml",
+               *TINY, f"run.output_dir={out}", "run.total_steps=2"]
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
         assert [x["step"] for x in read_metrics(out)] == [1, 2]
-    finally:
+        assert "--no_ssh" not in r.stdout + r.stderr   # the ssh path, not the one-box form
         daemon.kill()
+        sshd_log = daemon.communicate(timeout=30)[1].decode(errors="replace")
+        # our own check above, then the launcher's ssh check of the hostfile's host
+        assert sshd_log.count("Accepted publickey") >= 2, sshd_log[-2000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()

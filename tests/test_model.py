@@ -155,3 +155,16 @@ def test_configure_process_sets_threads_and_ds_accelerator():
     assert int(n) == int(torch_threads) == int(omp) == expected
     if accel == "cpu":
         assert ds_accel == "cpu"
+
+
+def test_memory_gb_sees_an_allocation():
+    import torch
+
+    from rlengine.runtime import memory_gb
+
+    before = memory_gb()
+    block = torch.ones(256 << 20, dtype=torch.uint8)   # 0.25 GiB, touched
+    after = memory_gb()
+    assert after["mem/rss_gb"] - before["mem/rss_gb"] > 0.2
+    assert after["mem/peak_rss_gb"] >= after["mem/rss_gb"] - 0.01
+    del block
