@@ -107,6 +107,8 @@ class RolloutConfig:
     bucket_mb: int = _opt(16, "weight-broadcast bucket size (16 MB measured fastest on CPU gloo)", ge=1)
     sync_timeout_s: float = _opt(300.0, "a weight push (broadcast + the sampler loading it) that takes longer is an error", gt=0)
     probe_threshold: float = _opt(0.05, "warn when the sampler/trainer log-prob gap exceeds this", ge=0)
+    probe_tokens: int = _opt(64, "probe sequence length: the last half of it from the first prompt, the rest "
+                                 "from its response (both sides score the same tokens; short is cheap)", ge=2)
     vllm_kv_cache_gb: float = _opt(1.0, "vLLM KV-cache size", gt=0)
     vllm_gpu_memory_utilization: float = _opt(0.5, "vLLM GPU memory share (GPU only)", gt=0, le=1)
 

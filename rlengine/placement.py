@@ -69,8 +69,12 @@ def push_weights(actor, sampler, ctx, cfg: Config, probe=None) -> dict:
 
         metrics = local_push(sampler, actor.named_parameters_gathered())
         if probe is not None:
+            t0 = time.perf_counter()
             lp = sampler.score(probe[0], probe[1], temperature=cfg.rollout.temperature)
+            t1 = time.perf_counter()
             metrics["sync/probe_abs_diff"] = _probe_gap(actor, lp, probe, cfg.rollout.temperature)
+            metrics["sync/probe_sampler_seconds"] = t1 - t0
+            metrics["sync/probe_trainer_seconds"] = time.perf_counter() - t1
     gap = metrics.get("sync/probe_abs_diff")
     if gap is not None and gap > cfg.rollout.probe_threshold and ctx.is_main:
         warnings.warn(f"sampler/trainer log-prob gap {gap:.4f} > rollout.probe_threshold "

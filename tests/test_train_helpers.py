@@ -1,0 +1,34 @@
+"""Pure helpers of the training loop (rlengine/train.py), without a model."""
+from __future__ import annotations
+
+import torch
+
+from rlengine.rollout.base import Generation
+from rlengine.train import mini_batches, probe_sequence
+
+
+def _gen(prompt_len: int, response_len: int) -> Generation:
+    prompt = list(range(1000, 1000 + prompt_len))
+    response = list(range(5000, 5000 + response_len))
+    return Generation([0], [prompt], [response] if response_len else [[]], [[-1.0] * response_len], ["x"], ["stop"])
+
+
+def test_probe_is_the_prompt_tail_and_the_response_head():
+    prompt, response = probe_sequence(_gen(203, 64), 64)
+    assert response == list(range(5000, 5032))            # first 32 response tokens
+    assert prompt == list(range(1000 + 203 - 32, 1203))   # last 32 prompt tokens, contiguous with them
+    prompt, response = probe_sequence(_gen(203, 5), 64)   # short response: the prompt fills the rest
+    assert response == list(range(5000, 5005)) and len(prompt) == 59 and prompt[-1] == 1202
+    prompt, response = probe_sequence(_gen(10, 40), 64)   # short prompt: all of it
+    assert prompt == list(range(1000, 1010)) and len(response) == 32
+    assert probe_sequence(_gen(10, 0), 64) is None
+
+
+def test_mini_batches_keep_groups_whole_and_cover_every_sequence_once():
+    g = torch.Generator().manual_seed(0)
+    batches = list(mini_batches(num_groups=6, num_minibatches=3, group_size=4, generator=g))
+    assert len(batches) == 3 and all(len(b) == 8 for b in batches)
+    assert sorted(torch.cat(batches).tolist()) == list(range(24))
+    for b in batches:   # each mini-batch is two whole groups of 4 consecutive sequences
+        groups = sorted({int(i) // 4 for i in b})
+        assert sorted(b.tolist()) == [gi * 4 + j for gi in groups for j in range(4)]
