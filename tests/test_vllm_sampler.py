@@ -152,14 +152,17 @@ from rlengine.rollout.vllm_sampler import VLLMSampler
 if __name__ == "__main__":  # vLLM spawns its engine: the main module must be importable
     sampler = VLLMSampler(sys.argv[1], dtype="fp32", kv_cache_gb=0.25, max_model_len=256, in_process=False,
                           num_threads=1)
+    from rlengine.rollout.base import SamplingParams
+    sampler.generate([[1, 2, 3, 4]], 2, SamplingParams(max_new_tokens=8))
     print("ENGINE", " ".join(str(c.pid) for c in psutil.Process().children(recursive=True)), flush=True)
     time.sleep(600)
 """
 
 
-def test_spawned_engine_dies_with_its_killed_owner(embedded_model_dir, tmp_path):
-    """A trainer rank killed with SIGKILL cannot shut its vLLM engine down; the engine's
-    watchdog must end it (before, a 2 GB engine lived on as an orphan)."""
+def test_spawned_engine_idles_quietly_and_dies_with_its_killed_owner(embedded_model_dir, tmp_path):
+    """A spawned engine blocks while idle (measured 0.85-1.0 CPU-s of spinning in the 3 s after a
+    generate before the fix, 0.04 after), and a trainer rank killed with SIGKILL cannot shut its
+    engine down: the engine's watchdog must end it (before, a 2 GB engine lived on as an orphan)."""
     pytest.importorskip("vllm")
     import os
     import signal
@@ -183,6 +186,12 @@ def test_spawned_engine_dies_with_its_killed_owner(embedded_model_dir, tmp_path)
         engine = [int(p) for p in line.split()[1:]]
         assert engine, f"the owner never reported its engine processes (exit code {owner.poll()})"
         assert all(psutil.pid_exists(p) for p in engine)
+        # idle after a generate, the engine must block, not spin (vLLM's queues spin 1 s per message)
+        procs = [psutil.Process(p) for p in engine]
+        before = sum(sum(p.cpu_times()[:2]) for p in procs)
+        time.sleep(3)
+        idle_cpu = sum(sum(p.cpu_times()[:2]) for p in procs) - before
+        assert idle_cpu < 0.4, f"idle engine used {idle_cpu:.2f} CPU-s in 3 s"
         owner.send_signal(signal.SIGKILL)
         owner.wait()
         deadline = time.monotonic() + 30
