@@ -32,3 +32,13 @@ def test_mini_batches_keep_groups_whole_and_cover_every_sequence_once():
     for b in batches:   # each mini-batch is two whole groups of 4 consecutive sequences
         groups = sorted({int(i) // 4 for i in b})
         assert sorted(b.tolist()) == [gi * 4 + j for gi in groups for j in range(4)]
+
+
+def test_probe_threshold_follows_the_precision_unless_set():
+    from rlengine.config import load_config
+    from rlengine.placement import probe_threshold
+
+    assert probe_threshold(load_config(None, ["model.dtype=fp32"])) == 0.005
+    assert probe_threshold(load_config(None, ["model.dtype=bf16"])) == 0.1
+    assert probe_threshold(load_config(None, ["model.dtype=fp32", "rollout.dtype=bf16"])) == 0.1
+    assert probe_threshold(load_config(None, ["rollout.probe_threshold=0.3"])) == 0.3
