@@ -2,7 +2,7 @@
 
 Same model (the embedded SmolLM2-135M-Instruct), same data (the bundled arithmetic set with the
 think/answer system prompt), same reward (answer + format), same group size, prompts per step,
-completion length and number of steps, Hugging Face generation on both sides, lr 1e-6, no KL,
+completion length and number of steps, lr 1e-6, no KL,
 one optimizer step per rollout batch (TRL's defaults: num_iterations 1). TRL generates with
 Hugging Face `generate` (its only CPU option); rlengine with vLLM when it is installed
 (`--rlengine-backend hf` for HF generate on both sides). TRL runs in one process
