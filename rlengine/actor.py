@@ -61,11 +61,26 @@ def response_logprobs(model, batch: SeqBatch, temperature: float, with_entropy: 
     sel = batch.resp_mask.bool()                                   # [B, T]
     rows = torch.arange(B).unsqueeze(1).expand_as(batch.resp_pos)
     target[rows[sel], batch.resp_pos[sel]] = True
-    logp_full, ent_full = token_logprobs(model, batch.input_ids, batch.attention_mask, target,
-                                         temperature=temperature, with_entropy=with_entropy)
+    # The forward runs where the model lives (a GPU under DeepSpeed); the [B, S] results come back
+    # to the batch's device (the CPU), where the loss math and bookkeeping live. `.to()` is
+    # differentiable: backward carries the gradient to the model's device.
+    device = _model_device(model)
+    logp_full, ent_full = token_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                         target.to(device), temperature=temperature, with_entropy=with_entropy)
+    home = batch.input_ids.device
+    logp_full = logp_full.to(home)
+    ent_full = ent_full.to(home) if ent_full is not None else None
     logp = logp_full.gather(1, batch.resp_pos) * batch.resp_mask   # [B, T]
     ent = ent_full.gather(1, batch.resp_pos) * batch.resp_mask if with_entropy else None
     return logp, ent
+
+
+def _model_device(model) -> torch.device:
+    """Where `model` (an HF model or a DeepSpeed engine around one) computes."""
+    device = getattr(model, "device", None)
+    if isinstance(device, (torch.device, str)):
+        return torch.device(device)
+    return next(model.parameters()).device
 
 
 # --------------------------------------------------------------------------- DeepSpeed config

@@ -35,7 +35,9 @@ def build_local_sampler(cfg: Config, model_path: str, tokenizer) -> Sampler:
                              gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                              max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
                              in_process=in_process_possible(), num_threads=torch.get_num_threads())
-    return build_sampler(cfg.rollout.backend, model_path, dtype=dtype, tokenizer=tokenizer)
+    from rlengine.runtime import local_device
+
+    return build_sampler(cfg.rollout.backend, model_path, dtype=dtype, tokenizer=tokenizer, device=local_device())
 
 
 def make_sampler(cfg: Config, ctx, model_path: str, tokenizer) -> Sampler:

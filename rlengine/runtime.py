@@ -24,6 +24,14 @@ def dist_backend(accelerator: str | None = None) -> str:
     return "nccl" if (accelerator or detect_accelerator()) == "cuda" else "gloo"
 
 
+def local_device() -> str:
+    """This process's compute device: "cuda:<current device>" (set from LOCAL_RANK by
+    `init_distributed`) when torch sees a GPU, else "cpu"."""
+    import torch
+
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
 def threads_per_process(local_world_size: int | None = None, cpu_count: int | None = None) -> int:
     """Cores on this host divided among its `local_world_size` processes (at least 1)."""
     if local_world_size is None:
@@ -49,12 +57,36 @@ def configure_process(local_world_size: int | None = None, threads: int | None =
     accelerator = detect_accelerator()
     if accelerator == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if arch and deepspeed_arch_list(arch) != arch:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
     count = int(threads) if threads else threads_per_process(local_world_size)
     os.environ["OMP_NUM_THREADS"] = str(count)
     import torch
 
     torch.set_num_threads(count)
     return count
+
+
+def deepspeed_arch_list(arch_list: str) -> str:
+    """`TORCH_CUDA_ARCH_LIST` as DeepSpeed's JIT op builder can parse it.
+
+    DeepSpeed 0.19.8 reads each entry as integers, so an arch-specific entry such as "9.0a" (set by
+    CUDA images for Hopper) fails the first JIT build, fused AdamW's, with "invalid literal for
+    int() with base 10: '0a'" (seen on an H100). The suffix only enables arch-specific instructions
+    that DeepSpeed's kernels do not use: "9.0a" -> "9.0", "10.0f" -> "10.0"; "+PTX" is kept."""
+    out = []
+    for entry in arch_list.replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        cc = entry[:-4] if ptx else entry
+        cc = cc.rstrip("abcdefghijklmnopqrstuvwxyz")
+        if cc not in out and cc + "+PTX" not in out:
+            out.append(cc + ("+PTX" if ptx else ""))
+    return ";".join(out)
 
 
 def memory_gb() -> dict[str, float]:

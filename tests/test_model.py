@@ -14,7 +14,7 @@ import torch
 from rlengine import model as rl_model
 from rlengine.model import (EMBEDDED, load_causal_lm, load_tokenizer, pad_left, position_ids_from_mask,
                             resolve_model_path, torch_dtype)
-from rlengine.runtime import configure_process, dist_backend, threads_per_process
+from rlengine.runtime import configure_process, deepspeed_arch_list, dist_backend, threads_per_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,3 +168,15 @@ def test_memory_gb_sees_an_allocation():
     assert after["mem/rss_gb"] - before["mem/rss_gb"] > 0.2
     assert after["mem/peak_rss_gb"] >= after["mem/rss_gb"] - 0.01
     del block
+
+
+def test_deepspeed_arch_list_drops_arch_specific_suffixes():
+    # an H100 image sets TORCH_CUDA_ARCH_LIST=9.0a; DeepSpeed 0.19.8's JIT builder then failed
+    # fused AdamW's build with "invalid literal for int() with base 10: '0a'"
+    assert deepspeed_arch_list("9.0a") == "9.0"
+    assert deepspeed_arch_list("8.0;9.0a") == "8.0;9.0"
+    assert deepspeed_arch_list("8.0 8.6 9.0+PTX") == "8.0;8.6;9.0+PTX"
+    assert deepspeed_arch_list("9.0a;9.0") == "9.0"
+    assert deepspeed_arch_list("10.0f;12.0a+PTX") == "10.0;12.0+PTX"
+    for entry in deepspeed_arch_list("7.5;8.0;9.0a;10.0f+PTX").split(";"):  # what DeepSpeed parses
+        assert all(part.isdigit() for part in entry.removesuffix("+PTX").split("."))

@@ -1,6 +1,7 @@
 """Benchmark: a full weight push of the embedded default through rlengine's path vs one raw broadcast.
 
-Two spawned processes on loopback, one gloo group, 1 thread each. Per repeat, on the same group:
+Two spawned processes on loopback, one gloo group, 1 thread each (`--backend nccl`: one NCCL group,
+rank r on GPU r, the trainer's weights on its GPU as under ZeRO-3). Per repeat, on the same group:
   raw       one `dist.broadcast` of a single flat uint8 tensor holding as many bytes as the push
   rlengine  `WeightBroadcaster.push(iter_gathered_params(model))` -> `.receive(apply_fn)` with an
             apply_fn that only reports the names (the transport path: packing, finiteness check,
@@ -10,6 +11,9 @@ of each process (all its threads), which shows the work the packing, finiteness 
 add whatever else the machine is doing.
 
     python tools/bench_weight_sync.py [--model embedded] [--dtype fp32] [--bucket-mb 64] [--repeats 5]
+                                      [--backend gloo|nccl] [--threads 1]
+
+NCCL needs two GPUs: it refuses two ranks on one device ("Duplicate GPU detected").
 
 Last stdout line: {"raw": {"gbps": ...}, "rlengine": {"gbps": ..., "seconds": ...}, ...}
 """
@@ -35,8 +39,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads))
+    torch.set_num_threads(args.threads)
     import datetime
 
     import torch.distributed as dist
@@ -44,20 +48,28 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
     from rlengine.model import resolve_model_path
     from rlengine.weight_sync import WeightBroadcaster, iter_gathered_params, new_sync_group
 
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300))
-    group = new_sync_group([0, 1], timeout_s=300)
-    bc = WeightBroadcaster(group, src_rank=0, bucket_mb=args.bucket_mb, timeout_s=300)
+    device = torch.device("cpu")
+    if args.backend == "nccl":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dist.init_process_group(args.backend, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300))
+    group = new_sync_group([0, 1], timeout_s=300, backend=args.backend)
+    bc = WeightBroadcaster(group, src_rank=0, bucket_mb=args.bucket_mb, timeout_s=300, device=device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = None
     if rank == 0:  # the real policy module, as the trainer holds it
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=dtype)
-        nbytes = torch.tensor([sum(p.numel() * p.element_size() for p in model.parameters())])
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=dtype).to(device)
+        nbytes = torch.tensor([sum(p.numel() * p.element_size() for p in model.parameters())], device=device)
     else:
-        nbytes = torch.zeros(1, dtype=torch.int64)
+        nbytes = torch.zeros(1, dtype=torch.int64, device=device)
     dist.broadcast(nbytes, src=0, group=group)
-    flat = torch.zeros(int(nbytes), dtype=torch.uint8)
+    flat = torch.zeros(int(nbytes), dtype=torch.uint8, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def stream():
         return iter_gathered_params(model)
@@ -65,12 +77,16 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
     raw, ours, cpu_raw, cpu_ours = [], [], [], []
     for rep in range(args.repeats + 1):  # repeat 0 warms up both paths
         dist.barrier(group=group)
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         dist.broadcast(flat, src=0, group=group)
+        sync()
         t_raw, c_raw = time.perf_counter() - t0, time.process_time() - c0
         dist.barrier(group=group)
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         metrics = bc.push(stream()) if rank == 0 else bc.receive(lambda pairs: [n for n, _ in pairs])
+        sync()
         t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
         if rep:
             raw.append(t_raw)
@@ -79,7 +95,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
             cpu_ours.append(c_ours)
     # CPU seconds (all threads of the process) per push, [sender, receiver]: the work the checks
     # add, independent of how busy the machine is
-    cpu = torch.tensor([[statistics.median(cpu_raw), statistics.median(cpu_ours)]] * 2, dtype=torch.float64)
+    cpu = torch.tensor([[statistics.median(cpu_raw), statistics.median(cpu_ours)]] * 2, dtype=torch.float64,
+                       device=device)
     mine = cpu[rank].clone()
     cpu[1 - rank] = 0
     cpu[rank] = mine
@@ -95,7 +112,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
                   "cpu_seconds": {"raw": {"sender": cpu[0, 0].item(), "receiver": cpu[1, 0].item()},
                                   "rlengine": {"sender": cpu[0, 1].item(), "receiver": cpu[1, 1].item()}},
                   "config": {"model": args.model, "dtype": args.dtype, "bucket_mb": args.bucket_mb,
-                             "repeats": args.repeats, "threads_per_rank": 1}}
+                             "repeats": args.repeats, "threads_per_rank": args.threads, "backend": args.backend,
+                             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}}
         with open(out_path, "w") as f:
             json.dump(result, f)
     dist.barrier(group=group)
@@ -108,6 +126,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--bucket-mb", type=float, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
