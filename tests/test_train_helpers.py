@@ -42,3 +42,19 @@ def test_probe_threshold_follows_the_precision_unless_set():
     assert probe_threshold(load_config(None, ["model.dtype=bf16"])) == 0.1
     assert probe_threshold(load_config(None, ["model.dtype=fp32", "rollout.dtype=bf16"])) == 0.1
     assert probe_threshold(load_config(None, ["rollout.probe_threshold=0.3"])) == 0.3
+
+
+def test_deepspeed_buffers_are_sized_to_the_model_and_user_keys_win(embedded_model_dir):
+    from rlengine.actor import deepspeed_config, model_hidden_size
+    from rlengine.config import load_config
+
+    assert model_hidden_size(embedded_model_dir) == 576  # SmolLM2-135M
+    cfg = load_config(None)
+    zero = deepspeed_config(cfg, dp_world_size=2, grad_accum=3, hidden_size=576)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 576 * 576 == 331776
+    assert zero["stage3_prefetch_bucket_size"] == 298598  # int(0.9 * 576^2)
+    assert zero["stage"] == 3
+    assert "reduce_bucket_size" not in deepspeed_config(cfg, 2, 3)["zero_optimization"]  # DeepSpeed's default
+    cfg.deepspeed = {"zero_optimization": {"reduce_bucket_size": 12345}}
+    zero = deepspeed_config(cfg, 2, 3, hidden_size=576)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 12345 and zero["stage3_prefetch_bucket_size"] == 298598
