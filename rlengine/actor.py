@@ -99,7 +99,7 @@ def deepspeed_config(cfg: Config, dp_world_size: int, grad_accum: int, with_opti
     With the model's `hidden_size` the ZeRO-3 communication buffers are sized to the model (H^2
     elements per gradient-reduce bucket, 0.9 H^2 per parameter prefetch, as the HF Trainer's "auto"
     does) instead of DeepSpeed's fixed 5e8 / 5e7 elements: on the 2-rank SmolLM2 default job the peak
-    RSS per rank fell 6.23 -> 5.79 GB with the same losses and step times."""
+    RSS per rank fell 6.23 -> 5.76 GB with identical losses and the same step times."""
     t = cfg.train
     zero: dict = {"stage": 3, "stage3_param_persistence_threshold": 0}
     if hidden_size:

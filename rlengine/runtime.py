@@ -59,7 +59,7 @@ def configure_process(local_world_size: int | None = None, threads: int | None =
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        if arch and deepspeed_arch_list(arch) != arch:
+        if arch:
             os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
     count = int(threads) if threads else threads_per_process(local_world_size)
     os.environ["OMP_NUM_THREADS"] = str(count)
@@ -76,17 +76,13 @@ def deepspeed_arch_list(arch_list: str) -> str:
     CUDA images for Hopper) fails the first JIT build, fused AdamW's, with "invalid literal for
     int() with base 10: '0a'" (seen on an H100). The suffix only enables arch-specific instructions
     that DeepSpeed's kernels do not use: "9.0a" -> "9.0", "10.0f" -> "10.0"; "+PTX" is kept."""
-    out = []
+    ptx: dict[str, bool] = {}  # capability -> "+PTX" asked for by any of its entries (in order)
     for entry in arch_list.replace(" ", ";").split(";"):
         entry = entry.strip()
-        if not entry:
-            continue
-        ptx = entry.endswith("+PTX")
-        cc = entry[:-4] if ptx else entry
-        cc = cc.rstrip("abcdefghijklmnopqrstuvwxyz")
-        if cc not in out and cc + "+PTX" not in out:
-            out.append(cc + ("+PTX" if ptx else ""))
-    return ";".join(out)
+        if entry:
+            cc = entry.removesuffix("+PTX").rstrip("abcdefghijklmnopqrstuvwxyz")
+            ptx[cc] = ptx.get(cc, False) or entry.endswith("+PTX")
+    return ";".join(cc + ("+PTX" if p else "") for cc, p in ptx.items())
 
 
 def memory_gb() -> dict[str, float]:

@@ -177,6 +177,7 @@ def test_deepspeed_arch_list_drops_arch_specific_suffixes():
     assert deepspeed_arch_list("8.0;9.0a") == "8.0;9.0"
     assert deepspeed_arch_list("8.0 8.6 9.0+PTX") == "8.0;8.6;9.0+PTX"
     assert deepspeed_arch_list("9.0a;9.0") == "9.0"
+    assert deepspeed_arch_list("9.0a;9.0+PTX") == "9.0+PTX"  # a twin asking for PTX keeps it
     assert deepspeed_arch_list("10.0f;12.0a+PTX") == "10.0;12.0+PTX"
     for entry in deepspeed_arch_list("7.5;8.0;9.0a;10.0f+PTX").split(";"):  # what DeepSpeed parses
         assert all(part.isdigit() for part in entry.removesuffix("+PTX").split("."))

@@ -1,6 +1,6 @@
 """Benchmark: a full weight push of the embedded default through rlengine's path vs one raw broadcast.
 
-Two spawned processes on loopback, one gloo group, 1 thread each (`--backend nccl`: one NCCL group,
+Two spawned processes on loopback, one gloo group, `--threads` (1) torch threads each (`--backend nccl`: one NCCL group,
 rank r on GPU r, the trainer's weights on its GPU as under ZeRO-3). Per repeat, on the same group:
   raw       one `dist.broadcast` of a single flat uint8 tensor holding as many bytes as the push
   rlengine  `WeightBroadcaster.push(iter_gathered_params(model))` -> `.receive(apply_fn)` with an

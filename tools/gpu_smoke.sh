@@ -6,13 +6,14 @@
 #   1. rlengine's training loop on CUDA through the deepspeed launcher: ZeRO-3 (bf16, DeepSpeed's
 #      fused AdamW, grad clipping), a frozen ZeRO-3 reference model for KL, the colocated HF sampler
 #      on the GPU, a weight push + probe after every step, a checkpoint every 2 steps;
-#   2. the run killed of nothing but its step budget, then resumed from its last checkpoint to
-#      STEPS + 2 (DeepSpeed's ZeRO-3 checkpoint restored on the GPU);
-#   3. tools/bench_weight_sync.py: gloo from GPU-resident weights at 1 and 4 threads per rank,
-#      and NCCL (which needs two GPUs: on one it records NCCL's refusal).
+#   2. a second launch that resumes from the first run's last checkpoint and trains to STEPS + 2
+#      (DeepSpeed's ZeRO-3 checkpoint restored on the GPU);
+#   3. tools/bench_weight_sync.py: gloo (CPU tensors) at 1 and 4 threads per rank, and NCCL
+#      (which needs two GPUs: on one it records NCCL's refusal).
 #
 # MODEL is a model directory (or "embedded"); REWARD defaults to the default config's reward.
-# Writes OUT_DIR/{env.txt,train.log,resume.log,metrics.jsonl,summary.json,bench_*.json}.
+# Stage time limits in seconds: TRAIN_TIMEOUT (900), RESUME_TIMEOUT (600), BENCH_TIMEOUT (300).
+# Writes OUT_DIR/{env.txt,train.log,resume.log,metrics.jsonl,summary.json,bench_*.log}.
 set -u
 OUT=${1:?OUT_DIR}
 MODEL=${2:?MODEL}
