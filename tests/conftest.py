@@ -6,12 +6,42 @@
 transformers model but not real weights (instant to build).
 `real_run`, `second_real_run`, `run_dir`, `second_run_dir`: real short training runs of the embedded
 default, made once per session (tests/real_runs.py).
+
+At the start the session says how much disk is free where pytest keeps its temporary
+directories when that is less than the default suite writes at its peak (the real runs' fp32
+ZeRO-3 checkpoints): a full disk otherwise shows up as a cascade of unrelated-looking errors.
 """
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from tests.real_runs import real_run, run_dir, second_real_run, second_run_dir  # noqa: F401  (fixtures)
+
+# measured: 13 GB written by the whole default suite, ~9 GB alive at once when passing tests'
+# directories are removed (pytest.ini's tmp_path_retention_policy = failed)
+PEAK_DISK_GB = 10
+
+
+def low_disk_warning(path: str, need_gb: float = PEAK_DISK_GB) -> str | None:
+    """A one-line warning when `path`'s file system has less than `need_gb` free, else None."""
+    free_gb = shutil.disk_usage(path).free / 1e9
+    if free_gb >= need_gb:
+        return None
+    return (f"rlengine tests: only {free_gb:.1f} GB free under {path}; the default suite needs about "
+            f"{need_gb} GB there (real training runs write fp32 ZeRO-3 checkpoints). Expect failures "
+            "with 'No space left on device': free the disk (old /tmp/pytest-of-*) first.")
+
+
+def pytest_sessionstart(session):
+    basetemp = str(session.config.option.basetemp or "")
+    warning = low_disk_warning(basetemp if os.path.isdir(basetemp) else tempfile.gettempdir())
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if warning and reporter is not None:
+        reporter.write_line(warning, yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")

@@ -58,3 +58,14 @@ def test_deepspeed_buffers_are_sized_to_the_model_and_user_keys_win(embedded_mod
     cfg.deepspeed = {"zero_optimization": {"reduce_bucket_size": 12345}}
     zero = deepspeed_config(cfg, 2, 3, hidden_size=576)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 12345 and zero["stage3_prefetch_bucket_size"] == 298598
+
+
+def test_low_disk_warning_names_the_free_space_and_the_need(tmp_path):
+    import shutil
+
+    from tests.conftest import low_disk_warning
+
+    free_gb = shutil.disk_usage(tmp_path).free / 1e9
+    assert low_disk_warning(str(tmp_path), need_gb=0) is None
+    warning = low_disk_warning(str(tmp_path), need_gb=free_gb * 2 + 1)
+    assert warning is not None and f"{free_gb:.1f} GB free under {tmp_path}" in warning
