@@ -34,6 +34,24 @@ def test_partial_fused_push_is_named():
         check_fused_groups(["model.layers.3.mlp.gate_proj.weight"])
 
 
+def test_sweep_removes_only_weight_files_of_dead_writers(tmp_path):
+    import os
+    import subprocess
+
+    from rlengine.rollout.vllm_sampler import sweep_stale_weight_files
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                    # a pid that no longer runs
+    names = {f"rlengine-weights-{dead.pid}-abc.safetensors": False,   # False: swept
+             f"rlengine-weights-{os.getpid()}-abc.safetensors": True,  # the writer is alive: kept
+             "rlengine-weights-x-abc.safetensors": True, f"other-{dead.pid}.safetensors": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"w")
+    removed = sweep_stale_weight_files(str(tmp_path))
+    assert removed == [str(tmp_path / f"rlengine-weights-{dead.pid}-abc.safetensors")]
+    assert {n: (tmp_path / n).exists() for n in names} == names
+
+
 @pytest.fixture(scope="module")
 def env(embedded_model_dir):
     pytest.importorskip("vllm")

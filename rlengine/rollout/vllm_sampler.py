@@ -352,8 +352,9 @@ class VLLMSampler(Sampler):
     def _load_via_shm(self, pairs: list[tuple[str, torch.Tensor]]) -> list[str]:
         from safetensors.torch import save_file
 
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        path = os.path.join(folder, f"rlengine-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
+        folder = weight_file_folder()
+        sweep_stale_weight_files(folder)
+        path = os.path.join(folder, f"{WEIGHT_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.safetensors")
         seen: set[tuple[int, int]] = set()
         tensors = {}
         for name, t in pairs:  # safetensors refuses the same memory twice (a tied pair); views of
@@ -390,6 +391,44 @@ class VLLMSampler(Sampler):
         if shutdown is not None and hasattr(shutdown, "shutdown"):
             shutdown.shutdown()
         del llm
+
+
+WEIGHT_FILE_PREFIX = "rlengine-weights-"
+
+
+def weight_file_folder() -> str:
+    """Where a push to a spawned engine stages its safetensors file (RAM-backed where possible)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_weight_files(folder: str) -> list[str]:
+    """Delete the staged weight files (`rlengine-weights-<pid>-<uuid>.safetensors`) whose writer
+    is dead; returns their paths. A push removes its own file when it ends, even on an error, but
+    a SIGKILL mid-push leaves it behind, and in /dev/shm it holds RAM (a whole model's weights)
+    until reboot."""
+    removed = []
+    for name in os.listdir(folder):
+        if not (name.startswith(WEIGHT_FILE_PREFIX) and name.endswith(".safetensors")):
+            continue
+        pid = name[len(WEIGHT_FILE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            path = os.path.join(folder, name)
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:   # another sweeper got there first
+                pass
+    return removed
 
 
 def _numpy_rng_state():
