@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -245,11 +244,13 @@ class Actor:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def named_parameters_gathered(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full parameters, one layer gathered at a time (collective over the ZeRO group)."""
+    def named_parameters_gathered(self):
+        """Full parameters, one layer gathered at a time (collective over the ZeRO group): a
+        `weight_sync.ParamStream`, whose manifest lets a push stream the tensors as they are
+        gathered (a plain generator made the broadcaster hold every gathered tensor at once)."""
         from rlengine.weight_sync import iter_gathered_params
 
-        yield from iter_gathered_params(self.engine.module)
+        return iter_gathered_params(self.engine.module)
 
     def save_pretrained(self, out_dir: str, tokenizer, is_writer: bool) -> None:
         """Consolidate the ZeRO-3 weights and write an HF directory (collective; rank 0 writes)."""

@@ -6,7 +6,11 @@ Owns:
   * `WeightBroadcaster(group, src_rank)`: `.push(named_tensors)` on the source (trainer rank 0),
     `.receive(apply_fn)` on the rollout ranks of a dedicated process group (gloo on CPU, NCCL on
     GPU; `new_sync_group` builds one with a timeout).
-  * `local_push(sampler, named_tensors)`: the colocated placement (no broadcast).
+  * `local_push(sampler, named_tensors)`: the colocated placement (no broadcast). A sampler
+    that `consumes_weights_lazily` gets the gathered tensors themselves, one at a time (no copy
+    of the model); any other gets copies, all checked before it sees one.
+  * `write_safetensors(path, named_tensors, manifest)`: a safetensors file written tensor by
+    tensor as they arrive (the header comes from the manifest), for a sampler in another process.
   * `probe_gap(...)` / `probe_abs_diff(...)`: mean |sampler log-prob - trainer log-prob| on a fixed
     sequence (the latter scores it with an in-process sampler first).
 
@@ -484,29 +488,96 @@ class WeightBroadcaster:
 # ------------------------------------------------------------------------------------------------
 # Colocated placement and the probe
 # ------------------------------------------------------------------------------------------------
-def local_push(sampler, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
+def local_push(sampler, named_tensors: Iterable[tuple[str, torch.Tensor]] | ParamStream) -> dict:
     """Load weights into a sampler in this process (colocated placement).
 
-    Tensors are copied (the trainer keeps updating its own) and refused when non-finite; the set
-    of names the sampler reports loaded must equal the set handed over."""
+    Non-finite tensors are refused, and the set of names the sampler reports loaded must equal the
+    set handed over. Two ways, chosen by the sampler's `consumes_weights_lazily`:
+      * lazily: the sampler gets a stream (with the manifest when the input has one) of the
+        trainer's own tensors, each checked just before it is handed over; the sampler copies
+        each out before asking for the next, so at most one gathered ZeRO-3 layer is alive
+        beside the sampler's copy. A refused tensor raises inside the sampler's load, which must
+        then leave the engine untouched (the vLLM file transport loads nothing before the end).
+      * eagerly: every tensor is copied (the trainer keeps updating its own) and checked before
+        the sampler sees any of them."""
     t0 = time.perf_counter()
-    pairs, nbytes = [], 0
-    for name, t in named_tensors:
-        t = t.detach()
-        if t.is_floating_point() and t.numel() and not _all_finite(t):
-            raise WeightSyncError(f"weight sync: tensor {name!r} holds non-finite values (NaN/Inf); refusing to push it")
-        pairs.append((name, t.clone()))
-        nbytes += t.numel() * t.element_size()
-    sent = {n for n, _ in pairs}
-    loaded = sampler.load_weights(pairs)
-    loaded = sent if loaded is None else set(loaded)
-    if loaded != sent:
-        diff = sorted(sent ^ loaded)
+    nbytes = 0
+    sent: list[str] = []
+
+    def checked(stream):
+        nonlocal nbytes
+        for name, t in stream:
+            t = t.detach()
+            if t.is_floating_point() and t.numel() and not _all_finite(t):
+                raise WeightSyncError(f"weight sync: tensor {name!r} holds non-finite values (NaN/Inf); "
+                                      "refusing to push it")
+            sent.append(name)
+            nbytes += t.numel() * t.element_size()
+            yield name, t
+
+    if getattr(sampler, "consumes_weights_lazily", False):
+        manifest = getattr(named_tensors, "manifest", None)
+        stream = checked(named_tensors)
+        loaded = sampler.load_weights(stream if manifest is None else ParamStream(manifest, lambda: stream))
+        for _ in stream:   # a sampler that stopped early: the gathers are collective, finish them
+            pass
+    else:
+        pairs = [(name, t.clone()) for name, t in checked(named_tensors)]
+        loaded = sampler.load_weights(pairs)
+    sent_set = set(sent)
+    loaded = sent_set if loaded is None else set(loaded)
+    if loaded != sent_set:
+        diff = sorted(sent_set ^ loaded)
         raise WeightSyncError(f"weight sync: the sampler loaded a different set of tensors than was sent "
                               f"(first difference {diff[0]!r}, {len(diff)} differ)")
     seconds = time.perf_counter() - t0
     return {"sync/seconds": seconds, "sync/gbps": nbytes / seconds / 1e9, "sync/bytes": float(nbytes),
             "sync/num_buckets": 0.0, "sync/checksum_ok": 1.0}
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                      manifest: Sequence[TensorSpec]) -> int:
+    """Write `named_tensors` to `path` in the safetensors format, one tensor at a time as the
+    iterable yields them (each is copied out before the next is requested); returns the bytes of
+    tensor data. The header is built from `manifest` up front; a tensor that disagrees with its
+    manifest entry, or a stream that ends early or runs long, raises WeightSyncError naming it
+    (the partial file is left for the caller to remove)."""
+    import json
+
+    header, offset = {}, 0
+    for spec in manifest:
+        dtype = spec.torch_dtype
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise WeightSyncError(f"weight sync: tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot hold")
+        header[spec.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    if len(header) != len(manifest):
+        raise WeightSyncError("weight sync: the manifest names a tensor twice")
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)   # the data section starts 8-byte aligned
+    stream = iter(named_tensors)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for spec in manifest:
+            try:
+                name, t = next(stream)
+            except StopIteration:
+                raise WeightSyncError(f"weight sync: the tensor stream ended before {spec.name!r}") from None
+            if name != spec.name or tuple(t.shape) != spec.shape or t.dtype != spec.torch_dtype:
+                raise WeightSyncError(f"weight sync: tensor {name!r} {tuple(t.shape)} {t.dtype} does not match "
+                                      f"the manifest entry {spec.name!r} {spec.shape} {spec.dtype}")
+            f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+        extra = next(stream, None)
+        if extra is not None:
+            raise WeightSyncError(f"weight sync: tensor {extra[0]!r} is not in the manifest")
+    return offset
 
 
 def probe_gap(sampler_logprobs, trainer_logprobs, threshold: float | None = None) -> float:

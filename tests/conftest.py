@@ -21,7 +21,7 @@ import pytest
 
 from tests.real_runs import real_run, run_dir, second_real_run, second_run_dir  # noqa: F401  (fixtures)
 
-# measured: 13 GB written by the whole default suite, ~9 GB alive at once when passing tests'
+# measured: 13 GB written by the whole default suite, 5.7 GB alive at once when passing tests'
 # directories are removed (pytest.ini's tmp_path_retention_policy = failed)
 PEAK_DISK_GB = 10
 

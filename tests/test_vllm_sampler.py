@@ -221,3 +221,83 @@ def test_spawned_engine_idles_quietly_and_dies_with_its_killed_owner(embedded_mo
     finally:
         if owner.poll() is None:
             owner.kill()
+
+
+_STREAMED = """
+import glob, json, os, sys
+import torch
+from transformers import AutoModelForCausalLM
+from rlengine.rollout.vllm_sampler import VLLMSampler, WEIGHT_FILE_PREFIX, weight_file_folder
+from rlengine.weight_sync import WeightSyncError, iter_gathered_params, local_push
+
+def trainer_logprobs(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()
+    return torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1)
+
+if __name__ == "__main__":  # vLLM spawns its engine: the main module must be importable
+    torch.set_num_threads(1)
+    trainer = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    sampler = VLLMSampler(sys.argv[1], dtype="fp32", kv_cache_gb=0.25, max_model_len=256, in_process=False,
+                          num_threads=1)
+    prompt, response = list(range(300, 330)), list(range(400, 416))
+    gap = lambda: float((torch.tensor(sampler.score(prompt, response), dtype=torch.float64)
+                         - trainer_logprobs(trainer, prompt, response)).abs().mean())
+    out = {"lazy": sampler.consumes_weights_lazily, "gap_before": gap()}
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 2e-2)
+    out["gap_stale"] = gap()
+    local_push(sampler, iter_gathered_params(trainer))
+    out["gap_pushed"] = gap()
+    name = [n for n, _ in trainer.named_parameters()][40]
+    with torch.no_grad():
+        held = dict(trainer.named_parameters())[name].clone()
+        dict(trainer.named_parameters())[name].view(-1)[7] = float("nan")
+        for p in trainer.parameters():
+            p.mul_(0.5)            # a policy the sampler must NOT end up with
+    try:
+        local_push(sampler, iter_gathered_params(trainer))
+        out["refused"] = None
+    except WeightSyncError as e:
+        out["refused"] = str(e)
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.mul_(2.0)
+        dict(trainer.named_parameters())[name].copy_(held)
+    out["gap_after_refusal"] = gap()   # against the last good push
+    out["files_left"] = glob.glob(f"{weight_file_folder()}/{WEIGHT_FILE_PREFIX}{os.getpid()}-*")
+    out["name"] = name
+    sampler.close()
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_streamed_push_into_a_spawned_engine_and_a_refused_one_loads_nothing(embedded_model_dir, tmp_path):
+    """The colocated push into a spawned engine streams the trainer's tensors into the staged
+    file: after it the engine agrees with the trainer's new weights; a push refused mid-stream (a
+    NaN in the 41st tensor, after 40 good ones were written) leaves the engine on the last good
+    push and no staged file behind."""
+    pytest.importorskip("vllm")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "streamed.py"
+    script.write_text(_STREAMED)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, str(script), embedded_model_dir], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                         "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, r.stdout[-3000:] + r.stderr[-5000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["lazy"] is True
+    assert out["gap_before"] < LOGPROB_TOL
+    assert out["gap_stale"] > 50 * LOGPROB_TOL          # the perturbation is visible to the probe
+    assert out["gap_pushed"] < LOGPROB_TOL              # the streamed push carried every tensor
+    assert out["refused"] is not None and repr(out["name"]) in out["refused"]
+    assert out["gap_after_refusal"] < LOGPROB_TOL       # nothing of the refused push was loaded
+    assert out["files_left"] == []                       # this process's staged files are gone

@@ -242,3 +242,76 @@ def test_probe_gap_is_the_mean_absolute_difference():
     assert probe_gap([], []) == 0.0
     with pytest.raises(WeightSyncError, match="sampler gave 2 log-probs, trainer 3"):
         probe_gap([-1.0, -1.0], [-1.0, -1.0, -1.0])
+
+
+class _LazySampler:
+    """A sampler that consumes weights lazily: it copies each tensor as it arrives and applies
+    the whole set only when the stream is exhausted (what the vLLM file transport does)."""
+
+    consumes_weights_lazily = True
+
+    def __init__(self):
+        self.applied, self.manifest, self.seen_ptrs = None, None, []
+
+    def load_weights(self, stream):
+        self.manifest = getattr(stream, "manifest", None)
+        staged = {}
+        for name, t in stream:
+            self.seen_ptrs.append(t.data_ptr())
+            staged[name] = t.clone()
+        self.applied = staged
+        return list(staged)
+
+
+def test_lazy_local_push_streams_the_trainers_own_tensors_and_refuses_before_applying():
+    from rlengine.actor import Actor
+    from rlengine.weight_sync import ParamStream, WeightSyncError, local_push
+
+    model = _tiny_llama(seed=3)
+    # the actor's stream carries its manifest (a plain generator made pushes collect every tensor)
+    stream = Actor.named_parameters_gathered(type("A", (), {"engine": type("E", (), {"module": model})})())
+    assert isinstance(stream, ParamStream)
+    assert [s.name for s in stream.manifest] == [n for n, _ in model.named_parameters()]
+
+    sampler = _LazySampler()
+    metrics = local_push(sampler, stream)
+    named = list(model.named_parameters())
+    assert sampler.manifest == stream.manifest                       # handed on for a streamed header
+    assert sampler.seen_ptrs == [p.data_ptr() for _, p in named]     # no copy made by the push
+    assert all(torch.equal(sampler.applied[n], p) for n, p in named)
+    assert metrics["sync/bytes"] == sum(p.numel() * 4 for _, p in named)
+
+    with torch.no_grad():
+        named[4][1].view(-1)[3] = float("inf")
+    refused = _LazySampler()
+    with pytest.raises(WeightSyncError, match=repr(named[4][0])):
+        local_push(refused, [(n, p.detach()) for n, p in named])
+    assert refused.applied is None and len(refused.seen_ptrs) == 4   # stopped at the bad tensor
+
+
+def test_streamed_safetensors_file_loads_back_exactly_and_checks_the_manifest(tmp_path):
+    from safetensors.torch import load_file
+
+    from rlengine.weight_sync import WeightSyncError, manifest_of, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [("a.weight", torch.randn(3, 5, generator=g)), ("b.bias", torch.randn(7, generator=g).bfloat16()),
+             ("c.weight", torch.randn(4, 2, generator=g).t()),          # not contiguous
+             ("d.empty", torch.zeros(0)), ("e.half", torch.randn(2, 2, 2, generator=g).half())]
+    manifest = manifest_of(pairs)
+    path = str(tmp_path / "w.safetensors")
+    nbytes = write_safetensors(path, iter(pairs), manifest)
+    assert nbytes == sum(t.numel() * t.element_size() for _, t in pairs)
+    back = load_file(path)
+    assert set(back) == {n for n, _ in pairs}
+    for name, t in pairs:
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+    wrong = list(pairs)
+    wrong[2] = ("c.weight", torch.randn(4, 2))      # the manifest says (2, 4)
+    with pytest.raises(WeightSyncError, match=r"'c\.weight' \(4, 2\).*manifest entry 'c\.weight' \(2, 4\)"):
+        write_safetensors(path, iter(wrong), manifest)
+    with pytest.raises(WeightSyncError, match="ended before 'e.half'"):
+        write_safetensors(path, iter(pairs[:4]), manifest)
+    with pytest.raises(WeightSyncError, match="'f' is not in the manifest"):
+        write_safetensors(path, iter(pairs + [("f", torch.ones(1))]), manifest)

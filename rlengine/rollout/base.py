@@ -43,6 +43,11 @@ class Generation:
 class Sampler(ABC):
     """One rollout engine. Backends: `hf` (rollout/hf_sampler.py), `vllm` (rollout/vllm_sampler.py)."""
 
+    # True when `load_weights` copies each tensor out before it asks for the next one and applies
+    # nothing until the iterable is exhausted: the colocated push may then hand over the trainer's
+    # gathered ZeRO-3 tensors themselves, one layer alive at a time, instead of a copy of the model.
+    consumes_weights_lazily: bool = False
+
     @abstractmethod
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Generation:
         """Sample `n` responses for each tokenised prompt."""

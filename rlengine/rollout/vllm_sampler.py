@@ -30,8 +30,9 @@ Two engine modes:
   * `in_process=False` (vLLM's own engine process, spawned): isolated from this process's
     torch.distributed world, RNGs and threads. Weights travel through a safetensors file in
     /dev/shm read by a small worker extension (tensors passed in RPC arguments would arrive as
-    lists). This is the mode for a rollout rank inside a trainer's (deepspeed-launched) world:
-    construct it after `init_process_group`, in any order relative to the other ranks
+    lists), written tensor by tensor as the push yields them (`consumes_weights_lazily`). This
+    is the mode for a rollout rank inside a trainer's (deepspeed-launched) world: construct it
+    after `init_process_group`, in any order relative to the other ranks
     (tests/test_vllm_beside_trainer.py).
   * On CPU a tied lm_head (SmolLM2) keeps a packed copy of the embedding that vLLM's reload does
     not refresh; the worker extension repacks it after every reload (else the sampler keeps the
@@ -332,38 +333,50 @@ class VLLMSampler(Sampler):
             self.llm.collective_rpc("rlengine_busy_wait", args=(1.0 if on else 0.0,))
 
     # ---- weights ----------------------------------------------------------------------------
+    @property
+    def consumes_weights_lazily(self) -> bool:
+        """A spawned engine reads the pushed weights from a file that is written tensor by tensor
+        and handed to vLLM only once complete, so a push may stream the trainer's gathered tensors
+        into it (no copy of the model). In-process, tensors are handed to vLLM by reference."""
+        return not self.in_process
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Reload (HF-named) weights in place, then reset the prefix cache. Returns names loaded."""
-        pairs = list(named_tensors)
+        """Reload (HF-named) weights in place, then reset the prefix cache. Returns names loaded.
+
+        With a spawned engine and an input that carries its manifest (`weight_sync.ParamStream`)
+        the tensors are consumed one at a time; otherwise they are collected first."""
+        from rlengine.weight_sync import manifest_of
+
+        manifest = getattr(named_tensors, "manifest", None)
+        if manifest is None or self.in_process:
+            pairs = list(named_tensors)
+            stream, manifest = pairs, manifest_of(pairs)
+        else:
+            pairs, stream = None, named_tensors
+        names = [spec.name for spec in manifest]
         expected = set(self.expected_names) | {"lm_head.weight"}
-        unknown = [n for n, _ in pairs if n not in expected]
+        unknown = [n for n in names if n not in expected]
         if unknown:
             raise ValueError(f"weight {unknown[0]!r} is not a tensor of the sampler's model ({self.model_path})")
-        check_fused_groups(n for n, _ in pairs)
+        check_fused_groups(names)
         if self._asleep:
             self.wake()
         if self.in_process:
             loaded = self.llm.collective_rpc("rlengine_reload_weights", kwargs={"named_tensors": pairs})[0]
         else:
-            loaded = self._load_via_shm(pairs)
+            loaded = self._load_via_shm(stream, manifest)
         self.llm.reset_prefix_cache()
         return list(loaded)
 
-    def _load_via_shm(self, pairs: list[tuple[str, torch.Tensor]]) -> list[str]:
-        from safetensors.torch import save_file
+    def _load_via_shm(self, named_tensors, manifest) -> list[str]:
+        """Stream the tensors into a safetensors file in /dev/shm, then have the engine reload it."""
+        from rlengine.weight_sync import write_safetensors
 
         folder = weight_file_folder()
         sweep_stale_weight_files(folder)
         path = os.path.join(folder, f"{WEIGHT_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.safetensors")
-        seen: set[tuple[int, int]] = set()
-        tensors = {}
-        for name, t in pairs:  # safetensors refuses the same memory twice (a tied pair); views of
-            t = t.detach().to("cpu").contiguous()  # one buffer that do not overlap are fine
-            key = (t.data_ptr(), t.nbytes)
-            tensors[name] = t.clone() if key in seen else t
-            seen.add(key)
         try:
-            save_file(tensors, path)
+            write_safetensors(path, named_tensors, manifest)
             return self.llm.collective_rpc("rlengine_reload_weights", kwargs={"safetensors_path": path})[0]
         finally:
             if os.path.exists(path):
