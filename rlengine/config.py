@@ -60,7 +60,8 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     path: str = _opt("embedded", "a Hugging Face causal-LM directory/name, or 'embedded' (SmolLM2-135M-Instruct)")
-    dtype: Literal["fp32", "bf16"] = _opt("fp32", "training precision (bf16 = bf16 weights + fp32 master)")
+    dtype: Literal["auto", "fp32", "bf16"] = _opt("fp32", "training precision (bf16 = bf16 weights + fp32 master; "
+                                                          "auto = bf16 where it is native, else fp32)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
     ref_path: Optional[str] = _opt(None, "reference model for KL (default: model.path)")
 
@@ -103,7 +104,7 @@ class RolloutConfig:
     temperature: float = _opt(1.0, "sampling temperature; the trainer's log-probs use the same", gt=0)
     top_p: float = _opt(1.0, "nucleus sampling", gt=0, le=1)
     stop: list[str] = _opt([], "stop strings (kept in the response)")
-    dtype: Optional[Literal["fp32", "bf16"]] = _opt(None, "sampler precision (default: model.dtype)")
+    dtype: Optional[Literal["auto", "fp32", "bf16"]] = _opt(None, "sampler precision (default: model.dtype)")
     bucket_mb: int = _opt(16, "weight-broadcast bucket size (16 MB measured fastest on CPU gloo)", ge=1)
     sync_timeout_s: float = _opt(300.0, "a weight push (broadcast + the sampler loading it) that takes longer is an error", gt=0)
     probe_threshold: Optional[float] = _opt(None, "warn when the sampler/trainer log-prob gap exceeds this "
@@ -377,7 +378,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set_dotted(raw, keys, value)
     cfg = _build(Config, raw, "")
     _check_cross_fields(cfg)
+    _resolve_auto(cfg)
     return cfg
+
+
+def _resolve_auto(cfg: Config) -> None:
+    """`dtype: auto` becomes what this machine runs natively (`runtime.resolve_dtype`), so the
+    resolved config (printed, saved beside the run) says which precision was used."""
+    from rlengine.runtime import resolve_dtype
+
+    cfg.model.dtype = resolve_dtype(cfg.model.dtype)
+    cfg.rollout.dtype = resolve_dtype(cfg.rollout.dtype)
 
 
 def parse_cli(argv: list[str] | None = None, description: str = "rlengine") -> tuple[Config, argparse.Namespace]:

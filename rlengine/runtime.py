@@ -85,6 +85,40 @@ def deepspeed_arch_list(arch_list: str) -> str:
     return ";".join(cc + ("+PTX" if p else "") for cc, p in ptx.items())
 
 
+def native_bf16(accelerator: str | None = None) -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA device that supports bf16, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere (e.g. an AVX2-only CPU) torch emulates them: a [2048, 576] x
+    [576, 1536] matmul with its backward took 3.84 s in bf16 against 0.146 s in fp32 (26x) on this
+    project's AMD EPYC AVX2 box, 1 thread."""
+    import torch
+
+    if (accelerator or detect_accelerator()) == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # torch's private probes moved: read the CPU flags ourselves
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(dtype: str | None, accelerator: str | None = None) -> str | None:
+    """"auto" -> "bf16" where bf16 is native (`native_bf16`), else "fp32"; other values unchanged."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if native_bf16(accelerator) else "fp32"
+
+
 def memory_gb() -> dict[str, float]:
     """This process's memory now: resident set (`mem/rss_gb`), its peak since start
     (`mem/peak_rss_gb`) and, on CUDA, the peak of allocated device memory (`mem/gpu_peak_gb`)."""

@@ -181,3 +181,40 @@ def test_deepspeed_arch_list_drops_arch_specific_suffixes():
     assert deepspeed_arch_list("10.0f;12.0a+PTX") == "10.0;12.0+PTX"
     for entry in deepspeed_arch_list("7.5;8.0;9.0a;10.0f+PTX").split(";"):  # what DeepSpeed parses
         assert all(part.isdigit() for part in entry.removesuffix("+PTX").split("."))
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_matmuls_are_native():
+    """`dtype: auto` follows the CPU's own flags (read here from /proc/cpuinfo, independently of
+    torch's probes): bf16 with AVX512-BF16 or AMX, fp32 otherwise (e.g. this project's AVX2 box,
+    where bf16 matmuls are emulated, 26x slower than fp32)."""
+    from rlengine.config import load_config
+    from rlengine.runtime import cpu_flags, native_bf16, resolve_dtype
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule; on CUDA auto follows torch.cuda.is_bf16_supported()")
+    flags = cpu_flags()
+    assert flags, "no CPU flags in /proc/cpuinfo"
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert native_bf16() is native
+    expected = "bf16" if native else "fp32"
+    assert resolve_dtype("auto") == expected
+    assert resolve_dtype("bf16") == "bf16" and resolve_dtype("fp32") == "fp32" and resolve_dtype(None) is None
+    cfg = load_config(None, ["model.dtype=auto", "rollout.dtype=auto"])
+    assert (cfg.model.dtype, cfg.rollout.dtype) == (expected, expected)   # resolved once, at load
+    assert load_config(REPO / "configs" / "default.yaml").model.dtype == expected
+
+
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns_naming_the_key(capsys):
+    from rlengine.config import load_config
+    from rlengine.runtime import native_bf16
+    from rlengine.train import warn_emulated_bf16
+
+    message = warn_emulated_bf16(load_config(None, ["model.dtype=bf16"]), is_main=True)
+    if native_bf16():
+        assert message is None
+        return
+    assert message is not None and "model.dtype=bf16" in message and "dtype=auto" in message
+    assert message in capsys.readouterr().err
+    assert warn_emulated_bf16(load_config(None, ["model.dtype=fp32"]), is_main=True) is None
+    assert "rollout.dtype" in warn_emulated_bf16(load_config(None, ["model.dtype=fp32", "rollout.dtype=bf16"]),
+                                                 is_main=False)

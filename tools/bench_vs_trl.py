@@ -121,11 +121,15 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--nproc", type=int, default=2, help="rlengine ranks")
-    ap.add_argument("--rlengine-dtype", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--rlengine-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto = bf16 where bf16 matmuls are native, else fp32 (TRL runs in fp32)")
     ap.add_argument("--rlengine-backend", default="auto", choices=["auto", "hf", "vllm"],
                     help="rlengine's sampler; auto = vllm when installed, else hf")
     ap.add_argument("--_trl-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from rlengine.runtime import resolve_dtype
+
+    args.rlengine_dtype = resolve_dtype(args.rlengine_dtype)
     if args._trl_worker:
         print(json.dumps(trl_worker(args)))
         return
