@@ -102,6 +102,14 @@ def manifest_hash(manifest: Sequence[TensorSpec]) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
+def manifest_mismatch(spec: TensorSpec, name: str, t: torch.Tensor) -> str | None:
+    """Why the streamed (name, tensor) is not the manifest entry `spec` it stands for, or None."""
+    if name == spec.name and tuple(t.shape) == spec.shape and t.dtype == spec.torch_dtype:
+        return None
+    return (f"tensor {name!r} {tuple(t.shape)} {t.dtype} does not match the manifest entry "
+            f"{spec.name!r} {spec.shape} {spec.dtype}")
+
+
 class ParamStream:
     """An iterable of (name, tensor) that also knows its manifest before it is iterated."""
 
@@ -349,9 +357,9 @@ class WeightBroadcaster:
             except StopIteration:
                 refused = (entry, f"the tensor stream ended before {spec.name!r}")
                 return False
-            if name != spec.name or tuple(t.shape) != spec.shape or t.dtype != spec.torch_dtype:
-                refused = (entry, f"tensor {name!r} {tuple(t.shape)} {t.dtype} does not match the manifest "
-                                  f"entry {spec.name!r} {spec.shape} {spec.dtype}")
+            mismatch = manifest_mismatch(spec, name, t)
+            if mismatch:
+                refused = (entry, mismatch)
                 return False
             cur_bytes = t.detach().contiguous().reshape(-1).view(torch.uint8)
             cur_pos = 0
@@ -553,7 +561,8 @@ def write_safetensors(path: str, named_tensors: Iterable[tuple[str, torch.Tensor
     for spec in manifest:
         dtype = spec.torch_dtype
         if dtype not in _SAFETENSORS_DTYPES:
-            raise WeightSyncError(f"weight sync: tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot hold")
+            raise WeightSyncError(f"weight sync: tensor {spec.name!r} has dtype {spec.dtype}, "
+                                  "which safetensors cannot hold")
         header[spec.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(spec.shape),
                              "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
@@ -570,9 +579,9 @@ def write_safetensors(path: str, named_tensors: Iterable[tuple[str, torch.Tensor
                 name, t = next(stream)
             except StopIteration:
                 raise WeightSyncError(f"weight sync: the tensor stream ended before {spec.name!r}") from None
-            if name != spec.name or tuple(t.shape) != spec.shape or t.dtype != spec.torch_dtype:
-                raise WeightSyncError(f"weight sync: tensor {name!r} {tuple(t.shape)} {t.dtype} does not match "
-                                      f"the manifest entry {spec.name!r} {spec.shape} {spec.dtype}")
+            mismatch = manifest_mismatch(spec, name, t)
+            if mismatch:
+                raise WeightSyncError(f"weight sync: {mismatch}")
             f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
         extra = next(stream, None)
         if extra is not None:

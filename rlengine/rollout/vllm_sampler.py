@@ -172,9 +172,7 @@ class RlengineWorkerExtension:
         def watch():
             while True:
                 time.sleep(poll_s)
-                try:
-                    os.kill(owner_pid, 0)
-                except ProcessLookupError:
+                if not _pid_alive(owner_pid):
                     parent = os.getppid()
                     if parent not in (1, owner_pid):
                         try:
@@ -182,8 +180,6 @@ class RlengineWorkerExtension:
                         except ProcessLookupError:
                             pass
                     os._exit(1)
-                except PermissionError:  # alive, owned by someone else
-                    pass
 
         threading.Thread(target=watch, name="rlengine-exit-with-owner", daemon=True).start()
 
