@@ -62,13 +62,15 @@ def check_inputs(cfg: Config) -> None:
 
 def warn_emulated_bf16(cfg: Config, is_main: bool) -> str | None:
     """A warning (printed by the main rank, returned) when bf16 was asked for where it is emulated."""
-    from rlengine.runtime import native_bf16
+    from rlengine.runtime import detect_accelerator, native_bf16
 
     asked = [k for k, v in (("model.dtype", cfg.model.dtype), ("rollout.dtype", cfg.rollout.dtype)) if v == "bf16"]
     if not asked or native_bf16():
         return None
-    message = (f"rlengine: warning: {' and '.join(asked)}=bf16, but this CPU has no native bf16 (AVX512-BF16 / AMX): "
-               "torch emulates bf16 matmuls, 26x slower than fp32 measured on an AVX2 box. "
+    where = ("this GPU does not support bf16" if detect_accelerator() == "cuda" else
+             "this CPU has no native bf16 (AVX512-BF16 / AMX): torch emulates bf16 matmuls, 26x slower than "
+             "fp32 measured on an AVX2 box")
+    message = (f"rlengine: warning: {' and '.join(asked)}=bf16, but {where}. "
                "dtype=auto picks fp32 here and bf16 where it is native.")
     if is_main:
         print(message, file=sys.stderr, flush=True)
