@@ -14,10 +14,10 @@ or name it as `module:function` in the config (imported on first use). Built-ins
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from rlengine.plugins import import_ref
 from rlengine.rewards.format import format_reward
 from rlengine.rewards.math_answer import math_reward
 
@@ -70,30 +70,12 @@ def register_reward(name: str, parts: tuple[str, ...] = ()) -> Callable[[RewardF
     return decorator
 
 
-def _import_ref(ref: str) -> Callable:
-    module_name, _, qualname = ref.partition(":")
-    if not module_name or not qualname:
-        raise ValueError(f"reward reference {ref!r} must look like 'package.module:function'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward {ref!r}: cannot import module {module_name!r} ({exc})") from exc
-    for attr in qualname.split("."):
-        try:
-            obj = getattr(obj, attr)
-        except AttributeError:
-            raise ValueError(f"reward {ref!r}: {module_name!r} has no attribute {qualname!r}") from None
-    if not callable(obj):
-        raise ValueError(f"reward {ref!r} is not callable")
-    return obj
-
-
 def get_reward(name: str) -> RewardSpec:
     """Resolve a registry name or a `module:function` reference; ValueError lists valid names."""
     if name in REWARDS:
         return REWARDS[name]
     if ":" in name:
-        fn = _import_ref(name)
+        fn = import_ref(name, "reward")
         for spec in REWARDS.values():  # a decorated function named by its module path
             if spec.fn is fn:
                 return spec
