@@ -37,7 +37,7 @@ def _hosts(hostfile: str) -> list[str]:
     return names
 
 
-def launch_command(config: str | None, overrides: list[str], nproc: int, hostfile: str | None,
+def launch_command(config: str | list[str] | None, overrides: list[str], nproc: int, hostfile: str | None,
                    master_port: int | None = None) -> list[str]:
     """The deepspeed launcher line for one box (no ssh) or for the nodes of a hostfile."""
     ds = shutil.which("deepspeed")
@@ -55,8 +55,8 @@ def launch_command(config: str | None, overrides: list[str], nproc: int, hostfil
     if one_box:
         cmd += ["--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
     cmd += [str(TRAIN_SCRIPT)]
-    if config:
-        cmd += ["--config", config]
+    for path in [config] if isinstance(config, str) else (config or []):
+        cmd += ["--config", path]
     return cmd + list(overrides)
 
 
@@ -66,8 +66,10 @@ def cmd_list() -> int:
 
     print("losses :", ", ".join(sorted(losses.LOSSES)))
     for name in sorted(losses.LOSSES):
-        params = ", ".join(f"{k}={v!r}" for k, v in losses.loss_hyperparams(name).items())
-        print(f"  {name:8s} {params}")
+        entry = losses.LOSSES[name]
+        params = ", ".join(f"{k}={v!r}" for k, v in entry.defaults.items())
+        kind = "token" if entry.elementwise else "sequence"
+        print(f"  {name:11s} [{kind}, agg {entry.agg}] {params}")
     print("gates  :", ", ".join(sorted(losses.GATES)))
     print("agg    :", ", ".join(losses.AGG_MODES))
     print("rewards:", ", ".join(sorted(rewards.REWARDS)))
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlengine", description="rlengine: RL for LLM reasoning")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="launch training through the deepspeed launcher")
-    tr.add_argument("--config", help="YAML config")
+    tr.add_argument("--config", action="append", help="YAML config; repeat to merge overlays in order")
     tr.add_argument("--nproc", type=int, default=2, help="processes on this box (ignored with --hostfile)")
     tr.add_argument("--hostfile", help="deepspeed hostfile (default: this box with --nproc slots)")
     tr.add_argument("--master_port", type=int, default=None)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dgpo")
     sub.add_parser("list", help="list losses, gates, rewards, dataset presets")
     cf = sub.add_parser("config", help="print the resolved config")
-    cf.add_argument("--config")
+    cf.add_argument("--config", action="append")
     cf.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.cmd == "list":

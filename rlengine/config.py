@@ -1,6 +1,7 @@
 """Typed configuration: a tree of dataclasses loaded from YAML, then dotted CLI overrides.
 
     cfg = load_config("configs/default.yaml", ["loss.name=dgpo", "loss.n=2"])
+    cfg = load_config(["configs/default.yaml", "configs/losses/gspo.yaml"])  # overlays merge in order
     python -m rlengine.config --config configs/default.yaml loss.name=dgpo   # prints the result
 
 Rules:
@@ -8,7 +9,8 @@ Rules:
   * an unknown key is an error naming the key and the closest valid one ("did you mean");
   * a value of the wrong type or out of range is an error naming the key;
   * the `loss` section is checked against the chosen loss's own hyperparameters (read from the
-    loss registry), so adding a loss needs no edit here;
+    loss registry), so adding a loss needs no edit here; naming another loss (a later file, or
+    `loss.name=`) starts its section from that loss's own defaults and aggregation;
   * `--local_rank=N`, appended by the `deepspeed` launcher, is accepted and ignored.
 """
 from __future__ import annotations
@@ -151,8 +153,8 @@ class LossConfig:
 
     In YAML the hyperparameters sit beside `name` (`loss: {name: dgpo, n: 2}`)."""
 
-    name: str = "grpo"
-    agg: str = "token-mean"
+    name: str = "grpo"                    # a registered loss or a plug-in package.module:function
+    agg: Optional[str] = None             # None: the loss's own (token-mean; seq-mean-token-mean for gspo, gmpo)
     max_len: Optional[int] = None
     params: dict = field(default_factory=dict)
 
@@ -260,24 +262,27 @@ def _build_loss(raw: dict, prefix: str) -> LossConfig:
 
     raw = dict(raw)
     name = raw.pop("name", LossConfig.name)
-    agg = raw.pop("agg", LossConfig.agg)
+    agg = raw.pop("agg", None)
     max_len = raw.pop("max_len", None)
     if raw.pop("params", None):
         raise ConfigError(f"config key '{prefix}.params': write hyperparameters directly under '{prefix}'")
-    if name not in losses.LOSSES:
-        raise ConfigError(f"config key '{prefix}.name': unknown loss {name!r}"
-                          + _did_you_mean(str(name), list(losses.LOSSES)))
+    try:
+        entry = losses.LOSSES.resolve(name)                  # a registry name or a module:function plug-in
+    except ValueError as e:
+        hint = "" if ":" in str(name) else _did_you_mean(str(name), list(losses.LOSSES))
+        raise ConfigError(f"config key '{prefix}.name': {e}{hint}") from None
+    agg = entry.agg if agg is None else agg                  # the loss's own aggregation unless set
     if agg not in losses.AGG_MODES:
         raise ConfigError(f"config key '{prefix}.agg': {agg!r} is not one of {list(losses.AGG_MODES)}")
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         raise ConfigError(f"config key '{prefix}.max_len': expected a positive integer, got {max_len!r}")
-    valid = list(losses.loss_hyperparams(name))
+    valid = list(entry.defaults)
     for key in raw:
         if key not in valid:
             raise ConfigError(f"unknown config key '{prefix}.{key}' for loss '{name}'"
                               + _did_you_mean(str(key), valid + ["name", "agg", "max_len"]))
     try:
-        params = losses.validate_loss_params(name, raw)
+        params = losses.LOSSES.build(name, **raw).params    # validated, and the elementwise promise checked
     except ValueError as e:
         raise ConfigError(f"config section '{prefix}': {e}") from None
     return LossConfig(name=name, agg=agg, max_len=max_len, params=params)
@@ -360,22 +365,57 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """YAML file (optional) + dotted overrides -> a validated `Config`."""
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping")
+    return raw
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    """`overlay` deep-merged into `base` (mappings merge key by key, anything else replaces). A
+    loss section naming another loss replaces the base's loss section whole: the new loss starts
+    from its own defaults, not from the hyperparameters of the loss it replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if (key == "loss" and isinstance(value, dict) and isinstance(out.get("loss"), dict)
+                and value.get("name", out["loss"].get("name")) != out["loss"].get("name")):
+            out[key] = _loss_section_for(value["name"], out["loss"]) | value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _loss_section_for(name: Any, previous: dict) -> dict:
+    """What a loss section keeps when it switches to loss `name`: only the keys that are not a
+    loss's own (max_len, which belongs to the run's lengths)."""
+    return {"name": name, **({"max_len": previous["max_len"]} if "max_len" in previous else {})}
+
+
+def load_config(path: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file(s) + dotted overrides -> a validated `Config`.
+
+    Several files are deep-merged in order (`default.yaml` then an overlay such as
+    `losses/gspo.yaml`); the overrides apply last, `loss.name=...` first among them. A file or
+    override that names another loss starts the loss section afresh from that loss's defaults."""
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping")
-    for item in overrides:
-        keys, value = _parse_override(item)
-        _set_dotted(raw, keys, value)
+    for p in paths:
+        raw = _merge(raw, _read_yaml(p))
+    parsed = [_parse_override(item) for item in overrides]
+    for keys, value in sorted(parsed, key=lambda kv: kv[0] != ["loss", "name"]):   # stable: loss.name first
+        if keys == ["loss", "name"]:
+            raw = _merge(raw, {"loss": {"name": value}})
+        else:
+            _set_dotted(raw, keys, value)
     cfg = _build(Config, raw, "")
     _check_cross_fields(cfg)
     _resolve_auto(cfg)
@@ -394,7 +434,9 @@ def _resolve_auto(cfg: Config) -> None:
 def parse_cli(argv: list[str] | None = None, description: str = "rlengine") -> tuple[Config, argparse.Namespace]:
     """`--config X.yaml key=value ...` (plus the launcher's `--local_rank=N`) -> (Config, args)."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--config", help="YAML config file (defaults are used for anything it omits)")
+    ap.add_argument("--config", action="append", help="YAML config file (defaults are used for anything it "
+                    "omits); repeat it to merge overlays in order, e.g. --config configs/default.yaml "
+                    "--config configs/losses/gspo.yaml")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=dgpo loss.n=2")
     args = ap.parse_args(argv)

@@ -111,14 +111,15 @@ def subset(batch, idx: torch.Tensor):
     return SeqBatch(*(getattr(batch, f)[idx] for f in ("input_ids", "attention_mask", "resp_pos", "resp_mask", "targets")))
 
 
-def run_updates(actor, cfg: Config, ctx, batch, old_logp, ref_logp, advantages, generator, record_tokens: bool):
+def run_updates(actor, cfg: Config, ctx, batch, old_logp, ref_logp, advantages, generator, record_tokens: bool,
+                loss_fn):
     """num_iterations x mini-batches of optimizer steps on this rank's sequences.
 
     Aggregation is exact over the *global* mini-batch: each micro-batch's loss (aggregated over
     the micro-batch by the loss) is rescaled by its share of the global units (tokens for
     token-mean, sequences otherwise) and by grad_accum * world, which DeepSpeed divides out."""
     from rlengine.distributed import all_reduce
-    from rlengine.losses import aggregate, kl_penalty, policy_loss
+    from rlengine.losses import aggregate, kl_penalty
 
     t, lc = cfg.train, cfg.loss
     group = ctx.trainer_group
@@ -149,8 +150,7 @@ def run_updates(actor, cfg: Config, ctx, batch, old_logp, ref_logp, advantages, 
                 mask = mb.resp_mask
                 logp, entropy = actor.logprobs(mb, cfg.rollout.temperature, with_entropy=True)
                 old = logp.detach() if old_logp is None else old_logp[mi]   # None: on-policy single update
-                out = policy_loss(lc.name, logp, old, advantages[mi], mask, agg=lc.agg,
-                                  max_len=max_len, **lc.params)
+                out = loss_fn(logp, old, advantages[mi], mask, agg=lc.agg, max_len=max_len, entropy=entropy.detach())
                 loss = out.loss
                 if t.kl_coef > 0 and not t.kl_in_reward:
                     kl = kl_penalty(logp, ref_logp[mi], estimator=t.kl_estimator)
@@ -198,7 +198,7 @@ def run_updates(actor, cfg: Config, ctx, batch, old_logp, ref_logp, advantages, 
                     token_rows["ratio"].append(ratio[sel])
                     token_rows["advantage"].append(adv[sel])
                     token_rows["weight"].append(out.weight[sel])
-                    token_rows["rel_weight"].append((out.weight / ratio.clamp_min(1e-30))[sel])
+                    token_rows["rel_weight"].append(out.rel_weight[sel])
                     token_rows["region"].append(out.region[sel])
                     token_rows["entropy"].append(entropy.detach()[sel])
                 if stepped:
@@ -277,6 +277,7 @@ def train(cfg: Config, ctx) -> int:
     from rlengine.data import build_prompt_stream
     from rlengine.distributed import all_reduce, barrier
     from rlengine.logger import MetricsLogger, write_token_dump
+    from rlengine.losses import LOSSES
     from rlengine.model import load_tokenizer, resolve_model_path
     from rlengine.placement import make_sampler, push_weights
     from rlengine.rewards import RewardPool
@@ -296,6 +297,7 @@ def train(cfg: Config, ctx) -> int:
     tokenizer = load_tokenizer(model_path)
     prompts = build_prompt_stream(cfg.data, tokenizer)
     rewards = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
+    loss_fn = LOSSES.build(cfg.loss.name, **cfg.loss.params)   # resolved and validated once
     R, G, T = cfg.rollout, cfg.rollout.group_size, cfg.rollout.temperature
     local_prompts = R.prompts_per_step // ctx.num_trainers
     mb_prompts = cfg.train.mini_batch_prompts or R.prompts_per_step
@@ -393,7 +395,7 @@ def train(cfg: Config, ctx) -> int:
         with timer("train"):
             dump = cfg.run.token_dump_every > 0 and step % cfg.run.token_dump_every == 0 and ctx.is_main
             metrics, bad, tokens = run_updates(actor, cfg, ctx, batch, old_logp, ref_logp, advantages,
-                                               shuffle_gen, record_tokens=dump)
+                                               shuffle_gen, record_tokens=dump, loss_fn=loss_fn)
         bad_in_a_row = bad_in_a_row + 1 if bad else 0
         if bad_in_a_row >= cfg.run.max_bad_steps:
             raise TrainingStopped(
@@ -436,7 +438,7 @@ def train(cfg: Config, ctx) -> int:
         if tokens is not None:
             tokens["step"] = torch.full_like(tokens["seq"], step)
             write_token_dump(out_dir / "tokens" / f"step_{step:06d}.parquet", tokens, cfg.loss.name,
-                             cfg.loss.params.get("eps_low", 0.2), cfg.loss.params.get("eps_high", 0.2),
+                             cfg.loss.params["eps_low"], cfg.loss.params["eps_high"],
                              cfg.run.token_dump_max, seed=step)
 
         # 5. checkpoint -------------------------------------------------------------------------

@@ -37,10 +37,10 @@ def launcher_prefix(tmp: Path, nproc: int, ssh: bool = False) -> list[str]:
     return cmd
 
 
-def launch_cmd(tmp: Path, nproc: int, overrides: list[str], config: str = "configs/default.yaml",
+def launch_cmd(tmp: Path, nproc: int, overrides: list[str], config: str | list[str] = "configs/default.yaml",
                ssh: bool = False) -> list[str]:
-    return launcher_prefix(tmp, nproc, ssh) + [str(REPO / "rlengine" / "train.py"), "--config", str(REPO / config),
-                                               *overrides]
+    configs = [a for c in ([config] if isinstance(config, str) else config) for a in ("--config", str(REPO / c))]
+    return launcher_prefix(tmp, nproc, ssh) + [str(REPO / "rlengine" / "train.py"), *configs, *overrides]
 
 
 def run_env() -> dict:
@@ -50,8 +50,12 @@ def run_env() -> dict:
     return env
 
 
-def run_training(tmp: Path, nproc: int, overrides: list[str], timeout: float = 900, **kw):
-    r = subprocess.run(launch_cmd(tmp, nproc, overrides, **kw), cwd=REPO, env=run_env(),
+def run_training(tmp: Path, nproc: int, overrides: list[str], timeout: float = 900, pythonpath: str | None = None,
+                 **kw):
+    env = run_env()
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env["PYTHONPATH"]
+    r = subprocess.run(launch_cmd(tmp, nproc, overrides, **kw), cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=timeout)
     return r
 

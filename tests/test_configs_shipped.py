@@ -79,9 +79,58 @@ def test_per_loss_config_is_the_default_setup_with_that_loss(name):
 
 def test_per_loss_configs_cover_every_registered_loss_and_gate():
     names = {load_config(CONFIGS / f"{n}.yaml").loss.name for n in PER_LOSS}
+    names |= {load_config([CONFIGS / "default.yaml", f]).loss.name for f in overlay_files()}
     assert names == set(losses.LOSSES)
     gates = {load_config(CONFIGS / f"{n}.yaml").loss.params["gate"] for n in PER_LOSS if n.startswith("sapo_")}
     assert gates == set(losses.GATES)
+
+
+# ----------------------------------------------------------------------------- loss overlays
+
+def overlay_files() -> list[Path]:
+    return sorted((CONFIGS / "losses").glob("*.yaml"))
+
+
+# Typed from the papers (GSPO sec. 5.1; GMPO sec. 4, clip range (e^-0.4, e^0.4); DPPO as the issue
+# names it; ASPO's wider eps for the top-20% entropy tokens from the authors' code).
+EXPECTED_OVERLAY = {
+    "gspo": ("gspo", "seq-mean-token-mean", {"eps_low": 3e-4, "eps_high": 4e-4}),
+    "gspo_token": ("gspo_token", "seq-mean-token-mean", {"eps_low": 3e-4, "eps_high": 4e-4}),
+    "gmpo": ("gmpo", "seq-mean-token-mean", {"eps_low": 1 - math.exp(-0.4), "eps_high": math.exp(0.4) - 1}),
+    "dppo": ("dppo", "token-mean", {"dppo_type": "binary_tv", "delta_low": 0.2, "delta_high": 0.2, "clip_c": None}),
+    "aspo_top_entropy": ("aspo", "token-mean", {"top_entropy_eps": 0.4, "top_entropy_frac": 0.2, "clip_c": 3.0}),
+}
+
+
+def test_every_overlay_is_listed():
+    assert {f.stem for f in overlay_files()} == set(EXPECTED_OVERLAY)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_OVERLAY))
+def test_loss_overlay_on_the_default_setup(name):
+    """default.yaml + configs/losses/<name>.yaml: the loss of the paper, everything else the default's."""
+    cfg = load_config([CONFIGS / "default.yaml", CONFIGS / "losses" / f"{name}.yaml"])
+    loss_name, agg, params = EXPECTED_OVERLAY[name]
+    assert cfg.loss.name == loss_name and cfg.loss.agg == agg
+    for k, v in params.items():
+        assert cfg.loss.params[k] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else v), k
+    assert cfg.run.output_dir == f"runs/{name}"
+    a, b = to_dict(cfg), to_dict(load_config(CONFIGS / "default.yaml"))
+    for d in (a, b):
+        d.pop("loss")
+        d["run"].pop("output_dir")
+    assert a == b
+
+
+def test_naming_another_loss_starts_from_its_defaults():
+    """default.yaml's eps 0.2 must not leak into GSPO (whose clip range is 3e-4 / 4e-4), neither from
+    an overlay file nor from a command-line loss.name."""
+    for cfg in (load_config(CONFIGS / "default.yaml", ["loss.eps_high=5e-4", "loss.name=gspo"]),
+                load_config(CONFIGS / "grpo.yaml", ["loss.name=gspo", "loss.eps_high=5e-4"])):
+        assert cfg.loss.name == "gspo" and cfg.loss.agg == "seq-mean-token-mean"
+        assert (cfg.loss.params["eps_low"], cfg.loss.params["eps_high"]) == (3e-4, 5e-4)
+    same = load_config(CONFIGS / "grpo.yaml", ["loss.name=grpo"])   # the same loss keeps its section
+    assert same.loss.params["clip_c"] == 3.0
 
 
 # ----------------------------------------------------------------------------- the gate paper

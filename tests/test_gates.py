@@ -164,3 +164,25 @@ def test_user_gate_with_one_decorated_function():
             register_gate("test_tanh")(tanh_gate)
     finally:
         GATES.pop("test_tanh", None)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "erf", "arctan", "softsign"])
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_closed_form_derivative_is_f_and_its_derivative(gate, tau, dtype):
+    """SAPO's backward multiplies by the gate's declared (f, f') pair: f must be the gate's value
+    and f' the paper's derivative (float64: rounding of ~10 ops, rtol 1e-9; float32: 2e-5 as above),
+    and the SAPO weight built on it must be f'(r) r."""
+    from rlengine.losses.gates import GATE_DERIVATIVES
+
+    x = torch.tensor(np.concatenate([np.geomspace(1e-3, 1e3, 400), [1.0]]), dtype=dtype)
+    value, slope = GATE_DERIVATIVES[gate](x, tau)
+    rtol = 1e-9 if dtype == torch.float64 else 2e-5
+    np.testing.assert_allclose(value.double().numpy(), GATES[gate](x.double(), tau).numpy(), rtol=rtol, atol=1e-300)
+    np.testing.assert_allclose(slope.double().numpy(), paper_f_prime(gate, x.double().numpy(), tau), rtol=rtol,
+                               atol=1e-30)
+    r = x.reshape(1, -1).double()
+    out = policy_loss("sapo", torch.log(r), torch.zeros_like(r), torch.tensor([1.0], dtype=torch.float64),
+                      torch.ones_like(r, dtype=torch.bool), gate=gate, tau_pos=tau, tau_neg=tau)
+    np.testing.assert_allclose(out.weight[0].numpy(), paper_f_prime(gate, r[0].numpy(), tau) * r[0].numpy(),
+                               rtol=1e-9, atol=1e-300)

@@ -7,6 +7,7 @@ rlengine/losses (which derives them by autograd of the loss functions).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from rlengine.losses import (
     validate_loss_params,
 )
 
-EXPECTED_LOSSES = {"grpo", "cispo", "gppo", "ce_gppo", "aspo", "sapo", "dgpo"}
+EXPECTED_LOSSES = {"grpo", "cispo", "gppo", "ce_gppo", "aspo", "sapo", "dgpo", "dppo", "gspo", "gspo_token", "gmpo"}
+SEQUENCE_LOSSES = {"gspo", "gspo_token", "gmpo"}   # elementwise=False; their tests: test_losses_sequence.py
 
 # --------------------------------------------------------------------------- reference formulas
 
@@ -48,9 +50,11 @@ def reference_weight(name: str, r: np.ndarray, pos: np.ndarray, p: dict) -> np.n
     HP, HN = (r > U) & pos, (r > U) & ~pos
     w = np.full_like(r, np.nan)
     cap = np.ones_like(r, dtype=bool) if c is None else (r <= c)
+    beyond_c = ~pos & ~cap          # the dual clip acts on every negative token with r > c (M too if c < U)
     if name == "grpo":
         w[M], w[LN], w[HP], w[LP] = r[M], 0.0, 0.0, r[LP]
         w[HN] = np.where(cap[HN], r[HN], 0.0)
+        w[beyond_c] = 0.0
     elif name == "cispo":
         w[M], w[LN], w[HP], w[LP], w[HN] = r[M], L, U, L, U
         if L <= 0:
@@ -59,11 +63,14 @@ def reference_weight(name: str, r: np.ndarray, pos: np.ndarray, p: dict) -> np.n
         b1, b2 = (p["beta1"], p["beta2"]) if name == "ce_gppo" else (1.0, 1.0)
         w[M], w[LN], w[HP], w[LP] = r[M], b1 * L, b2 * U, r[LP]
         w[HN] = np.where(cap[HN], r[HN], 0.0)
+        w[beyond_c] = 0.0
     elif name == "aspo":
         w[M] = np.where(pos[M], 1.0 / r[M], r[M])
         w[LN], w[HP] = 0.0, 0.0
         w[LP] = 1.0 / r[LP] if c is None else np.where(r[LP] >= 1.0 / c, 1.0 / r[LP], c)
         w[HN] = r[HN] if c is None else np.where(r[HN] <= c, r[HN], c)
+        if c is not None:   # soft dual clip wherever 1/r > c (A > 0) or r > c (A <= 0), M included
+            w[(pos & (r < 1.0 / c)) | beyond_c] = c
     elif name == "sapo":
         tau = np.where(pos, p["tau_pos"], p["tau_neg"])
         w = gate_prime(p["gate"], r, tau) * r
@@ -72,6 +79,14 @@ def reference_weight(name: str, r: np.ndarray, pos: np.ndarray, p: dict) -> np.n
         w[M], w[LP], w[HN] = r[M], r[LP], r[HN]
         w[LN] = r[LN] ** (n + 1) / L ** n
         w[HP] = U ** (1.0 / m) * r[HP] ** (1.0 - 1.0 / m)
+    elif name == "dppo":
+        pi_old, pi = p["pi_old"], p["pi_old"] * r
+        if p["dppo_type"] == "binary_tv":
+            drop = np.where(pos, pi - pi_old > p["delta_high"], pi - pi_old < -p["delta_low"])
+        else:
+            kl = pi_old * np.log(pi_old / pi) + (1 - pi_old) * np.log((1 - pi_old) / (1 - pi))
+            drop = np.where(pos, (pi > pi_old) & (kl > p["delta_high"]), (pi < pi_old) & (kl > p["delta_low"]))
+        w = np.where(drop, 0.0, r if c is None else np.minimum(r, c))
     else:
         raise KeyError(name)
     assert not np.isnan(w).any()
@@ -109,6 +124,14 @@ LOSS_CASES = [
     ("dgpo", {"n": 2.0, "m": 2.0}),
     ("dgpo", {"n": 0.0, "m": 1.0}),
     ("dgpo", {"n": 3.0, "m": 0.5, "eps_low": 0.3}),
+    # the dual clip with c inside the trust region (c < U, 1/c > L for ASPO)
+    ("grpo", {"clip_c": 1.1}),
+    ("gppo", {"clip_c": 1.1}),
+    ("ce_gppo", {"clip_c": 1.15, "beta1": 0.5}),
+    ("aspo", {"clip_c": 1.1}),
+    ("dppo", {}),
+    ("dppo", {"dppo_type": "binary_kl", "delta_low": 0.05, "delta_high": 0.1, "clip_c": 2.0}),
+    ("dppo", {"delta_low": 0.01, "delta_high": 0.02, "clip_c": 1.5}),
 ] + [("sapo", {"gate": g, "tau_pos": tp, "tau_neg": tn})
      for g in ("sigmoid", "erf", "arctan", "softsign") for tp, tn in ((1.0, 1.05), (10.0, 12.0))]
 
@@ -118,9 +141,11 @@ def case_id(case):
     return name + "".join(f"-{k}={v}" for k, v in p.items())
 
 
-def make_batch(seed: int = 0, B: int = 16, T: int = 48, dtype=torch.float64, boundaries=(0.8, 1.2, 3.0, 1 / 3.0)):
+def make_batch(seed: int = 0, B: int = 16, T: int = 48, dtype=torch.float64, boundaries=(0.8, 1.2, 3.0, 1 / 3.0),
+               probabilities: bool = False):
     """Ratios log-uniform in [1e-3, 1e3] (half the tokens) or uniform in [0.5, 1.6] (the rest),
-    both signs of A and A = 0 rows, right padding holding NaN / inf garbage."""
+    both signs of A and A = 0 rows, right padding holding NaN / inf garbage. probabilities=True
+    shifts old_logp so that logp <= -0.01 too (DPPO reads pi = exp(logp) as a probability)."""
     g = torch.Generator().manual_seed(seed)
     wide = torch.exp((torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1) * math.log(1e3))
     near = 0.5 + 1.1 * torch.rand(B, T, generator=g, dtype=torch.float64)
@@ -128,6 +153,8 @@ def make_batch(seed: int = 0, B: int = 16, T: int = 48, dtype=torch.float64, bou
     for b in boundaries:  # keep away from region / cap boundaries (the weight jumps there)
         r = torch.where((r / b - 1).abs() < 1e-4, r * 1.01, r)
     old_logp = -5 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    if probabilities:
+        old_logp = old_logp - torch.log(r).clamp(min=0) - 0.01
     logp = old_logp + torch.log(r)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     adv[3 % B] = 0.0
@@ -144,6 +171,18 @@ def full_params(name, p):
     return validate_loss_params(name, p)
 
 
+def case_batch(seed: int, name: str, params: dict):
+    """make_batch kept away from every weight discontinuity of this case (L, U, c, 1/c)."""
+    c = params.get("clip_c") or 3.0
+    return make_batch(seed, boundaries=(1 - params["eps_low"], 1 + params["eps_high"], c, 1 / c, 3.0, 1 / 3.0),
+                      probabilities=name == "dppo")
+
+
+def ref_params(params: dict, old: torch.Tensor, mask: torch.Tensor) -> dict:
+    """params plus pi_old (DPPO's mask reads it); masked entries get a harmless placeholder."""
+    return {**params, "pi_old": torch.exp(torch.where(mask, old, -1.0)).numpy()}
+
+
 # --------------------------------------------------------------------------- registry and API
 
 
@@ -154,11 +193,25 @@ def test_registry_names_and_api():
     assert REGIONS == ("M", "LN", "HP", "LP", "HN")
     for name in LOSSES:
         hp = loss_hyperparams(name)
-        assert hp["eps_low"] == 0.2 and hp["eps_high"] == 0.2
-        assert LOSSES[name].__doc__ and "l = " in LOSSES[name].__doc__  # formula in the docstring
+        assert list(hp)[:2] == ["eps_low", "eps_high"]                   # every loss reports five regions
+        if name not in ("gspo", "gspo_token", "gmpo"):
+            assert hp["eps_low"] == 0.2 and hp["eps_high"] == 0.2
+        assert re.search(r"\bl(_t)? = ", LOSSES[name].__doc__ or ""), name   # the formula in the docstring
+        assert LOSSES[name].elementwise == (name not in SEQUENCE_LOSSES)
+    # the papers' defaults, typed from the papers
+    assert (loss_hyperparams("gspo")["eps_low"], loss_hyperparams("gspo")["eps_high"]) == (3e-4, 4e-4)
+    assert loss_hyperparams("gspo_token") == loss_hyperparams("gspo")
+    assert loss_hyperparams("gmpo") == {"eps_low": pytest.approx(1 - math.exp(-0.4)),
+                                        "eps_high": pytest.approx(math.exp(0.4) - 1)}
+    assert loss_hyperparams("dppo") == {"eps_low": 0.2, "eps_high": 0.2, "dppo_type": "binary_tv",
+                                        "delta_low": 0.2, "delta_high": 0.2, "clip_c": None}
+    assert {n: LOSSES[n].agg for n in SEQUENCE_LOSSES} == dict.fromkeys(SEQUENCE_LOSSES, "seq-mean-token-mean")
+    assert loss_hyperparams("aspo") == {"eps_low": 0.2, "eps_high": 0.2, "clip_c": 3.0, "top_entropy_eps": None,
+                                        "top_entropy_frac": 0.2}
     assert loss_hyperparams("grpo") == {"eps_low": 0.2, "eps_high": 0.2, "clip_c": 3.0}
     for name in ("gppo", "ce_gppo", "aspo"):
         assert loss_hyperparams(name)["clip_c"] == 3.0
+    assert "eps_low" not in LOSSES["sapo"].fn_params   # no trust region: eps only bound the reporting regions
     assert loss_hyperparams("sapo") == {"eps_low": 0.2, "eps_high": 0.2, "gate": "sigmoid",
                                         "tau_pos": 1.0, "tau_neg": 1.05}
     assert loss_hyperparams("dgpo") == {"eps_low": 0.2, "eps_high": 0.2, "n": 1.0, "m": 2.0}
@@ -180,7 +233,7 @@ def test_entry_call_equals_policy_loss():
 def test_autograd_gradient_matches_closed_form_weight(case):
     name, p = case
     params = full_params(name, p)
-    logp, old, adv, mask = make_batch(2, boundaries=(1 - params["eps_low"], 1 + params["eps_high"], 3.0, 1 / 3.0, 5.0, 0.2, 10.0, 0.1))
+    logp, old, adv, mask = case_batch(2, name, params)
     logp.requires_grad_(True)
     out = policy_loss(name, logp, old, adv, mask, **p)
     out.loss.backward()
@@ -193,7 +246,7 @@ def test_autograd_gradient_matches_closed_form_weight(case):
     reachable = range(5) if params["eps_low"] < 1 else (0, 2, 4)  # L <= 0: no r < L
     assert all((regions[m] == k).sum() >= 5 for k in reachable), "every region must be exercised"
 
-    w_ref = reference_weight(name, r, pos, params)
+    w_ref = reference_weight(name, r, pos, ref_params(params, old, mask))
     w_ref_masked = np.where(m, w_ref, 0.0)
     # the per-token weight output (defined for A = 0 tokens too) equals the table, per region
     for k, region in enumerate(REGIONS):
@@ -213,17 +266,18 @@ def test_finite_difference_weight(case):
     """w = ds/dlogp with the stop-gradient parts frozen at the current point, by central differences."""
     name, p = case
     params = full_params(name, p)
-    logp, old, adv, mask = make_batch(3, boundaries=(1 - params["eps_low"], 1 + params["eps_high"], 3.0, 1 / 3.0, 5.0, 0.2, 10.0, 0.1))
+    logp, old, adv, mask = case_batch(3, name, params)
     pos = torch.broadcast_to(adv[:, None], logp.shape) > 0
+    loss_fn = LOSSES.build(name, **p)
     h = 1e-6
     s = {}
     for sign in (1.0, -1.0):
         ctx = make_ratio_context(logp + sign * h, old, pos, mask, params["eps_low"], params["eps_high"], frozen_logp=logp)
-        s[sign] = LOSSES[name].fn(ctx, **params).detach()
+        s[sign] = loss_fn.surrogate(ctx).detach()
     w_fd = ((s[1.0] - s[-1.0]) / (2 * h)).numpy()
     m = mask.numpy()
     r = torch.exp(torch.where(mask, logp - old, 0.0)).numpy()
-    w_ref = reference_weight(name, r, pos.numpy(), params)
+    w_ref = reference_weight(name, r, pos.numpy(), ref_params(params, old, mask))
     err = np.abs(w_fd[m] - w_ref[m])
     assert (err <= 1e-5 * np.abs(w_ref[m]) + 1e-8 * (1 + np.abs(logp.numpy()[m]))).all(), err.max()
 
@@ -508,10 +562,16 @@ def test_register_loss_with_one_function():
             policy_loss("test_plain_is", logp, old, adv, mask, scale="big")
         with pytest.raises(ValueError, match="already registered"):
             register_loss("test_plain_is")(test_plain_is)
-        with pytest.raises(TypeError, match="eps_high"):
-            register_loss("test_bad")(lambda ctx, *, eps_low=0.2: ctx.ratio)
+        # a loss without a trust region of its own reports its regions with the loss section's bounds
+        register_loss("test_no_eps")(lambda ctx, *, scale=1.0: scale * ctx.ratio)
+        out = policy_loss("test_no_eps", logp, old, adv, mask, eps_low=0.5, eps_high=0.5)
+        r_m = r[mask]
+        assert out.metrics["frac_M"] == pytest.approx(float(((r_m >= 0.5) & (r_m <= 1.5)).double().mean()))
+        with pytest.raises(TypeError, match="keyword-only"):
+            register_loss("test_bad")(lambda ctx, **kw: ctx.ratio)
     finally:
         LOSSES.pop("test_plain_is", None)
+        LOSSES.pop("test_no_eps", None)
 
 
 # --------------------------------------------------------------------------- bad input

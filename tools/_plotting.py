@@ -276,7 +276,7 @@ def recompute_weights(spec: LossSpec, ratio: np.ndarray, advantage: np.ndarray,
     adv = torch.tensor(np.asarray(advantage, dtype=np.float64))            # [N]
     mask = torch.ones_like(logp, dtype=torch.bool)
     out = losses.policy_loss(spec.name, logp, torch.zeros_like(logp), adv, mask, **params)
-    rel = (out.weight / out.ratio).squeeze(1).numpy()
+    rel = out.rel_weight.squeeze(1).numpy()
     region = np.asarray(losses.REGIONS, dtype=object)[out.region.squeeze(1).numpy()]
     return rel, region
 

@@ -76,7 +76,9 @@ def loss_section(spec: str, base_agg: str | None, configs_dir: Path = REPO / "co
             kept.append(item)
     parsed = P.parse_loss_spec(name + (":" + ",".join(kept) if kept else ""))
     section = {"name": parsed.name, **parsed.params}
-    agg = extra.get("agg") or ("seq-mean-token-mean" if parsed.name == "sapo" else base_agg)
+    own = losses.LOSSES[parsed.name].agg   # a loss with its paper's own aggregation (GSPO, GMPO) keeps it
+    agg = extra.get("agg") or ("seq-mean-token-mean" if parsed.name == "sapo" else
+                               own if own != "token-mean" else base_agg)
     if agg:
         if agg not in losses.AGG_MODES:
             raise ValueError(f"loss spec {spec!r}: agg {agg!r} is not one of {list(losses.AGG_MODES)}")

@@ -14,6 +14,8 @@ Add a gate with one decorated function:
         '''f = 1 + tanh(tau (x - 1)) / tau,  f' = 1 - tanh^2(tau (x - 1))'''
         return 1 + torch.tanh(tau * (x - 1)) / tau
 
+A config can also name a gate defined outside rlengine: `loss.gate=my_pkg.gates:tanh`.
+
 `tau` is a float or a tensor broadcastable to x (SAPO passes a per-token tensor holding tau_pos
 on positive tokens and tau_neg elsewhere), so write gates with torch ops only.
 """
@@ -28,27 +30,95 @@ from torch import Tensor
 Gate = Callable[[Tensor, "float | Tensor"], Tensor]
 
 GATES: dict[str, Gate] = {}
+# name -> (x, tau) -> (f(x), f'(x)), computed without autograd: the closed-form derivative SAPO's
+# backward multiplies by, instead of differentiating f's graph (one multiply instead of a dozen
+# kernels; tests/test_gates.py checks both against autograd of f and the paper's f').
+GATE_DERIVATIVES: dict[str, Callable[[Tensor, "float | Tensor"], tuple[Tensor, Tensor]]] = {}
 
 
-def register_gate(name: str, *, replace: bool = False) -> Callable[[Gate], Gate]:
-    """Decorator: register `f(x: Tensor, tau: float | Tensor) -> Tensor` under `name`."""
+def register_gate(name: str, *, value_and_derivative=None, replace: bool = False) -> Callable[[Gate], Gate]:
+    """Decorator: register `f(x: Tensor, tau: float | Tensor) -> Tensor` under `name` (autograd
+    gives f'). `value_and_derivative(x, tau) -> (f, f')`, optional, is a faster closed form."""
 
     def decorator(fn: Gate) -> Gate:
         if name in GATES and not replace:
             raise ValueError(f"gate {name!r} is already registered (pass replace=True to override)")
         GATES[name] = fn
+        GATE_DERIVATIVES.pop(name, None)
+        if value_and_derivative is not None:
+            GATE_DERIVATIVES[name] = value_and_derivative
         return fn
 
     return decorator
 
 
+class _ClosedFormGate(torch.autograd.Function):
+    """f(x) whose gradient is the precomputed f'(x) [B, T] (tau carries no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tau, pair) -> Tensor:  # noqa: D102
+        value, slope = pair(x, tau)
+        ctx.save_for_backward(slope)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None
+
+
+def apply_gate(name: str, x: Tensor, tau: "float | Tensor") -> Tensor:
+    """f(x; tau) with gradient: through the gate's closed-form derivative when it declares one,
+    else autograd of f."""
+    pair = GATE_DERIVATIVES.get(name)
+    if pair is None:
+        return get_gate(name)(x, tau)
+    return _ClosedFormGate.apply(x, tau, pair)
+
+
 def get_gate(name: str) -> Gate:
-    if name not in GATES:
-        raise ValueError(f"unknown gate {name!r}; valid choices: {', '.join(sorted(GATES))}")
-    return GATES[name]
+    """A registered gate, or a plug-in `package.module:function` (imported and registered under
+    that reference on first use)."""
+    from rlengine.plugins import import_ref, is_ref
+
+    if isinstance(name, str) and name in GATES:
+        return GATES[name]
+    if is_ref(name):
+        GATES[name] = import_ref(name, "gate")
+        return GATES[name]
+    raise ValueError(f"unknown gate {name!r}; valid choices: {', '.join(sorted(GATES))} "
+                     "or a plug-in 'package.module:function'")
 
 
-@register_gate("sigmoid")
+def _sigmoid_pair(x: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
+    """f = (4 / tau) sigmoid(u), f' = 4 sigmoid(u) sigmoid(-u): both factors taken as they are,
+    without 1 - s, so f' keeps its relative accuracy far into the tail. u = tau (x - 1)."""
+    u = (x - 1.0) * tau
+    s, t = torch.sigmoid(u), torch.sigmoid(-u)
+    return s * (4.0 / tau), (s * t).mul_(4.0)
+
+
+def _erf_pair(x: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
+    """f = 1 + sqrt(pi / 2) / tau * erf(v), f' = exp(-v^2), v = tau (x - 1) / sqrt 2."""
+    v = (x - 1.0) * (tau / math.sqrt(2.0))
+    return torch.erf(v).mul_(math.sqrt(math.pi / 2.0) / tau).add_(1.0), torch.exp(-(v * v))
+
+
+def _arctan_pair(x: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
+    """f = 1 + arctan(u) / tau, f' = 1 / (1 + u^2), u = tau (x - 1)."""
+    u = (x - 1.0) * tau
+    return torch.atan(u).div_(tau).add_(1.0), torch.reciprocal(torch.addcmul(torch.ones_like(u), u, u))
+
+
+def _softsign_pair(x: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
+    """f = 1 + (x - 1) / h, f' = h^-3, h = hypot(1, u) = sqrt(1 + u^2) without overflow. u = tau (x - 1).
+    (The value has no cancellation; f' is a product of positive terms.)"""
+    d = x - 1.0
+    h = torch.hypot(torch.ones_like(d), d * tau)
+    return (d / h).add_(1.0), torch.pow(h, -3.0)
+
+
+@register_gate("sigmoid", value_and_derivative=_sigmoid_pair)
 def sigmoid_gate(x: Tensor, tau: float | Tensor) -> Tensor:
     """Eq. (3), original SAPO: f(x) = sigmoid(tau (x - 1)) * 4 / tau.
 
@@ -66,7 +136,7 @@ def sigmoid_gate(x: Tensor, tau: float | Tensor) -> Tensor:
     return torch.addcmul(0.5 * c2 + 2.0 / tau, c2, y, value=-1.0)
 
 
-@register_gate("erf")
+@register_gate("erf", value_and_derivative=_erf_pair)
 def erf_gate(x: Tensor, tau: float | Tensor) -> Tensor:
     """Eq. (6): f(x) = sqrt(pi / (2 tau^2)) (1 + erf(tau (x - 1) / sqrt 2)) + 1 - sqrt(pi / (2 tau^2)).
 
@@ -76,7 +146,7 @@ def erf_gate(x: Tensor, tau: float | Tensor) -> Tensor:
     return 1.0 + scale * torch.erf((x - 1.0) * (tau / math.sqrt(2.0)))
 
 
-@register_gate("arctan")
+@register_gate("arctan", value_and_derivative=_arctan_pair)
 def arctan_gate(x: Tensor, tau: float | Tensor) -> Tensor:
     """Eq. (7): f(x) = 1 + arctan(tau (x - 1)) / tau.
 
@@ -84,7 +154,7 @@ def arctan_gate(x: Tensor, tau: float | Tensor) -> Tensor:
     return 1.0 + torch.atan(tau * (x - 1.0)) / tau
 
 
-@register_gate("softsign")
+@register_gate("softsign", value_and_derivative=_softsign_pair)
 def softsign_gate(x: Tensor, tau: float | Tensor) -> Tensor:
     """Eq. (8): f(x) = 1 + (x - 1) / sqrt(1 + tau^2 (x - 1)^2).
 
