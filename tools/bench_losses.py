@@ -2,8 +2,10 @@
 
     OMP_NUM_THREADS=1 python tools/bench_losses.py [--batch 64 --tokens 4096 --repeats 30 --device cpu]
 
-One timed step = `policy_loss(...)` (surrogate, its elementwise autograd weight, aggregation,
-all metrics incl. the host transfer) + `loss.backward()` to a [B, T] float32 `logp` leaf.
+One timed step = a call of the `LossFn` built once by `LOSSES.build` (as the trainer calls it:
+surrogate, its autograd weight, aggregation, all metrics incl. the host transfer) +
+`loss.backward()` to a [B, T] float32 `logp` leaf. Elementwise losses take the one-pass path;
+sequence-level ones (GSPO, GSPO-token, GMPO; "elementwise": false) plain autograd of the aggregate.
 Entries are timed round-robin (one step of each per round, so drift hits all alike). Reported:
 "ms" = median wall clock, "cpu_ms" = median CPU time of this thread, "cpu_ms_min" = its
 minimum. `ratio_to_grpo` is measured in the same run, on cpu_ms_min when torch runs one thread:
@@ -18,8 +20,8 @@ allocation / free events of `torch.profiler` (profile_memory=True) summed in tim
 (tracemalloc does not see torch's allocator.) CUDA: torch.cuda.max_memory_allocated above
 the pre-step level. The method is named in every entry as "peak_mb_method".
 
-The last stdout line is JSON: {entry: {"ms", "cpu_ms", "cpu_ms_min", "peak_mb", "ratio_to_grpo",
-"ratio_to_grpo_wall", "ratio_basis", "peak_mb_method"}}.
+The last stdout line is JSON: {entry: {"ms", "cpu_ms", "cpu_ms_min", "peak_mb", "elementwise",
+"ratio_to_grpo", "ratio_to_grpo_wall", "ratio_basis", "peak_mb_method"}}.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from rlengine.losses import GATES, LOSSES, policy_loss  # noqa: E402
+from rlengine.losses import GATES, LOSSES  # noqa: E402
 
 
 def make_inputs(batch: int, tokens: int, device: str, seed: int = 0):
@@ -51,12 +53,15 @@ def entries() -> dict[str, tuple[str, dict]]:
     out = {name: (name, {}) for name in LOSSES}
     for gate in GATES:
         out[f"sapo_{gate}"] = ("sapo", {"gate": gate})
+    out["aspo_top_entropy"] = ("aspo", {"top_entropy_eps": 0.4})
+    out["dppo_binary_kl"] = ("dppo", {"dppo_type": "binary_kl"})
     return out
 
 
-def step(name: str, params: dict, logp, old_logp, adv, mask):
+def step(loss_fn, logp, old_logp, adv, mask, entropy):
+    """One trainer-side call: the LossFn built once (as the trainer does), forward and backward."""
     logp.grad = None
-    out = policy_loss(name, logp, old_logp, adv, mask, **params)
+    out = loss_fn(logp, old_logp, adv, mask, entropy=entropy)
     out.loss.backward()
     return out
 
@@ -105,17 +110,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     logp, old_logp, adv, mask = make_inputs(args.batch, args.tokens, args.device)
-    todo = entries()
+    entropy = torch.rand(logp.shape, generator=torch.Generator().manual_seed(1)).to(args.device) * 3.0  # [B, T]
+    todo = {key: LOSSES.build(name, **params) for key, (name, params) in entries().items()}
     for _ in range(args.warmup):
-        for name, params in todo.values():
-            step(name, params, logp, old_logp, adv, mask)
+        for loss_fn in todo.values():
+            step(loss_fn, logp, old_logp, adv, mask, entropy)
     wall: dict[str, list[float]] = {k: [] for k in todo}
     cpu: dict[str, list[float]] = {k: [] for k in todo}
     for _ in range(args.repeats):
-        for key, (name, params) in todo.items():
+        for key, loss_fn in todo.items():
             sync(args.device)
             c0, t0 = time.thread_time(), time.perf_counter()
-            step(name, params, logp, old_logp, adv, mask)
+            step(loss_fn, logp, old_logp, adv, mask, entropy)
             sync(args.device)
             wall[key].append((time.perf_counter() - t0) * 1e3)
             cpu[key].append((time.thread_time() - c0) * 1e3)
@@ -124,12 +130,13 @@ def main() -> None:
     method = ("torch.cuda.max_memory_allocated above pre-step" if cuda
               else "torch.profiler CPU allocator events, peak live bytes above pre-step")
     result = {}
-    for key, (name, params) in todo.items():
+    for key, loss_fn in todo.items():
         logp.grad = None
-        fn = lambda: step(name, params, logp, old_logp, adv, mask)  # noqa: E731
+        fn = lambda: step(loss_fn, logp, old_logp, adv, mask, entropy)  # noqa: E731
         peak = peak_bytes_cuda(fn) if cuda else peak_bytes_cpu(fn)
         result[key] = {"ms": round(statistics.median(wall[key]), 3), "cpu_ms": round(statistics.median(cpu[key]), 3),
-                       "cpu_ms_min": round(min(cpu[key]), 3), "peak_mb": round(peak / 2 ** 20, 2)}
+                       "cpu_ms_min": round(min(cpu[key]), 3), "peak_mb": round(peak / 2 ** 20, 2),
+                       "elementwise": loss_fn.entry.elementwise}
     # One CPU thread: best-of-N thread CPU time (see the module docstring); else median wall time.
     use_cpu = not cuda and torch.get_num_threads() == 1
     basis = "cpu_ms_min" if use_cpu else "ms"
@@ -148,8 +155,9 @@ def main() -> None:
     for key, v in result.items():
         print(f"# {key:16s} {v['ms']:9.2f} {v['cpu_ms']:9.2f} {v['cpu_ms_min']:9.2f} {v['ratio_to_grpo']:7.3f} "
               f"{v['ratio_to_grpo_wall']:11.3f} {v['peak_mb']:8.1f}")
-    worst = max(v["ratio_to_grpo"] for v in result.values())
-    print(f"# slowest entry / grpo = {worst:.3f} by {basis} (target <= 1.2)")
+    worst = max(v["ratio_to_grpo"] for v in result.values() if v["elementwise"])
+    print(f"# slowest elementwise entry / grpo = {worst:.3f} by {basis} (target <= 1.2); sequence-level: "
+          + ", ".join(f"{k} {v['ratio_to_grpo']:.2f}x" for k, v in result.items() if not v["elementwise"]))
     print(json.dumps(result))
 
 
