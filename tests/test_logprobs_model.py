@@ -48,9 +48,23 @@ def test_embedded_model_logprobs_match_logits_reference(smollm):
         batch_ref = torch.log_softmax(logits[:, start - 1:-1].double() / temperature, -1)  # [B, T, V]
         batch_ref_logp = batch_ref.gather(2, input_ids[:, start:, None]).squeeze(-1) * mask[:, start:]
         batch_ref_entropy = -(batch_ref.exp() * batch_ref).sum(-1) * mask[:, start:]
-        # same hidden states: only the head differs (measured max |diff| ~2e-6)
-        torch.testing.assert_close(logp.double(), batch_ref_logp, rtol=0, atol=2e-5)
-        torch.testing.assert_close(entropy.double(), batch_ref_entropy, rtol=0, atol=2e-5)
+        # Same hidden states: only the head differs, so the tolerance is the fp32 rounding of the head,
+        # per token. Both sides form each logit z_v = h . w_v / T as a 576-term fp32 dot product,
+        # summed in different orders (chunked matmul vs HF's lm_head): each is within ~eps * S of the
+        # exact value, S = max_v sum_i |h_i w_vi| / T (~300 here), so their difference within 2 eps S.
+        # The fp32 log-softmax then loses a few ulps of the largest magnitudes it subtracts (|z| up
+        # to ~46, |logp| up to ~28): 4 eps (|logp| + max|z|). That is 7e-5..9e-5 here; measured
+        # |diff| 3e-6 on AMD AVX2 and 2.6e-5 on Intel AMX, where a fixed 2e-5 failed. Entropy
+        # (sum_v p_v (-logp_v)) carries the logits' error with weights summing to ~1, hence 2x.
+        hidden = smollm.model(input_ids=input_ids, attention_mask=mask,
+                              position_ids=position_ids_from_mask(mask)).last_hidden_state[:, start - 1:-1]
+        weight = smollm.lm_head.weight.double()
+        S = (hidden.double().abs() @ weight.abs().t()).amax(-1) / temperature                 # [B, T]
+        z_max = (hidden.double() @ weight.t()).abs().amax(-1) / temperature                   # [B, T]
+        eps = torch.finfo(torch.float32).eps
+        bound = (eps * (2 * S + 4 * (batch_ref_logp.abs() + z_max))) * mask[:, start:]
+        assert ((logp.double() - batch_ref_logp).abs() <= bound).all(), ((logp.double() - batch_ref_logp).abs() / bound.clamp_min(1e-30)).max()
+        assert ((entropy.double() - batch_ref_entropy).abs() <= 2 * bound + 4 * eps * batch_ref_entropy.abs()).all()
         for row, (prompt, resp) in enumerate(zip(prompts, responses)):
             # unpadded single sequences: padding/positions handled right; fp32 kernels on other
             # shapes differ by up to ~5e-4 (measured) on these values
