@@ -8,7 +8,8 @@ weight broadcast so it never blocks on trainer collectives.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,7 +30,6 @@ class DistContext:
     sync_group: object = None             # trainer rank 0 + rollout ranks (separate placement)
     backend: str = "gloo"
     threads: int = 1
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_trainer(self) -> bool:
@@ -51,7 +51,7 @@ class DistContext:
 def init_distributed(cfg: Config) -> DistContext:
     """Detect the accelerator, size the thread pools, start torch.distributed (env:// as set by
     the deepspeed launcher; a single process without launcher gets world size 1)."""
-    from rlengine.runtime import configure_process, detect_accelerator, dist_backend
+    from rlengine.runtime import clear_stale_build_locks, configure_process, detect_accelerator, dist_backend
 
     accel = detect_accelerator()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
@@ -62,6 +62,8 @@ def init_distributed(cfg: Config) -> DistContext:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     backend = dist_backend()
+    for line in clear_stale_build_locks():   # DeepSpeed JIT-builds its C++ ops below and in initialize()
+        print(line, file=sys.stderr, flush=True)
     import deepspeed
 
     if not dist.is_initialized():

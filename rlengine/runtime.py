@@ -135,3 +135,96 @@ def memory_gb() -> dict[str, float]:
     if torch.cuda.is_available():
         out["mem/gpu_peak_gb"] = torch.cuda.max_memory_allocated() / (1 << 30)
     return out
+
+
+# ----------------------------------------------------------------------------- stale JIT build locks
+# torch builds DeepSpeed's C++ ops (shm comm, CPU Adam) on first use under a `lock` file that the
+# building process holds open (torch.utils.file_baton) and removes when done. A launch killed
+# mid-build leaves the file behind, and every later launch then waits for it to vanish, silently
+# and for ever. A lock that no process on this host holds open is such a leftover.
+
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs", "9p")
+NETWORK_LOCK_GRACE_S = 600.0   # a builder on another node may hold a lock on a shared cache
+
+
+def extension_build_locks(root: str | os.PathLike | None = None) -> list:
+    """The `lock` files under torch's extension build root (TORCH_EXTENSIONS_DIR or
+    ~/.cache/torch_extensions): <root>/<python tag>/<op>/lock, and <root>/<op>/lock."""
+    from pathlib import Path
+
+    if root is None:   # torch's own rule (cpp_extension._get_build_directory): the variable wins
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    base = Path(root)
+    return sorted(set(base.glob("*/lock")) | set(base.glob("*/*/lock")))
+
+
+def lock_holders(path: str | os.PathLike) -> list[int]:
+    """PIDs of the processes on this host that hold `path` open (read from /proc)."""
+    target = os.path.realpath(path)
+    holders = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:                                   # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    holders.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def filesystem_type(path: str | os.PathLike, mounts: str | None = None) -> str:
+    """The type of the file system holding `path` (the longest mount point of /proc/mounts above it)."""
+    real = os.path.realpath(path)
+    if mounts is None:
+        try:
+            with open("/proc/mounts") as f:
+                mounts = f.read()
+        except OSError:
+            return ""
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            point = parts[1].replace("\\040", " ")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, kind = point, parts[2]
+    return kind
+
+
+def clear_stale_build_locks(root: str | os.PathLike | None = None, now: float | None = None) -> list[str]:
+    """Remove the extension build locks that no process on this host holds open and return one
+    message line per lock acted on. On a network file system a builder may be on another node, so
+    there a lock is removed only once it is older than NETWORK_LOCK_GRACE_S; younger, the line
+    names the file to remove if no node is building."""
+    import time
+
+    now = time.time() if now is None else now
+    lines = []
+    for lock in extension_build_locks(root):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if lock_holders(lock):
+            continue
+        if filesystem_type(lock) in NETWORK_FS and age < NETWORK_LOCK_GRACE_S:
+            lines.append(f"rlengine: the build lock {lock} ({age:.0f} s old) is held by no process on this host; "
+                         "if no other node is building that op, remove it, or every launch waits for it")
+            continue
+        if lock_holders(lock):                           # checked again right before removing
+            continue
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            continue
+        lines.append(f"rlengine: removed the stale build lock {lock} ({age:.0f} s old, held by no process: "
+                     "an earlier build was interrupted); torch would have waited for it for ever")
+    return lines

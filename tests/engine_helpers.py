@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,9 +39,10 @@ def launcher_prefix(tmp: Path, nproc: int, ssh: bool = False) -> list[str]:
 
 
 def launch_cmd(tmp: Path, nproc: int, overrides: list[str], config: str | list[str] = "configs/default.yaml",
-               ssh: bool = False) -> list[str]:
+               ssh: bool = False, script: str = "rlengine/train.py") -> list[str]:
+    """`script` is rlengine/train.py, or a test's wrapper of it that injects a fault (tests/hooks/)."""
     configs = [a for c in ([config] if isinstance(config, str) else config) for a in ("--config", str(REPO / c))]
-    return launcher_prefix(tmp, nproc, ssh) + [str(REPO / "rlengine" / "train.py"), *configs, *overrides]
+    return launcher_prefix(tmp, nproc, ssh) + [str(REPO / script), *configs, *overrides]
 
 
 def run_env() -> dict:
@@ -55,9 +57,17 @@ def run_training(tmp: Path, nproc: int, overrides: list[str], timeout: float = 9
     env = run_env()
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env["PYTHONPATH"]
-    r = subprocess.run(launch_cmd(tmp, nproc, overrides, **kw), cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    return r
+    cmd = launch_cmd(tmp, nproc, overrides, **kw)
+    # its own process group: on a timeout the launcher AND its ranks are killed, no orphan keeps waiting
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
