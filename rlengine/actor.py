@@ -241,6 +241,12 @@ class Actor:
         norm = self.engine.get_global_grad_norm()
         return True, float(norm) if norm is not None else float("nan")
 
+    def release_params(self) -> None:
+        """Wait for and release every gathered ZeRO-3 parameter: a no-grad forward (the probe) can
+        leave prefetched ones in flight, and the next gather (a retried push) then fails with
+        'Cannot partition a param in flight'."""
+        self.engine.empty_partition_cache()
+
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 

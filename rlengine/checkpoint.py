@@ -65,12 +65,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, lists and numbers only, so that they load with
+    `torch.load(weights_only=True)` (no pickle of arbitrary objects)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
 
 
@@ -84,16 +93,38 @@ class CheckpointManager:
         self.barrier = barrier
 
     # ------------------------------------------------------------------ finding
-    def complete_checkpoints(self) -> list[Path]:
-        """Complete checkpoint dirs, oldest first (a dir without state.json is not complete)."""
-        if not self.root.is_dir():
+    @staticmethod
+    def find_complete(root: str | Path) -> list[Path]:
+        """Complete checkpoint dirs under `root`, oldest first (a dir without state.json is not complete)."""
+        root = Path(root)
+        if not root.is_dir():
             return []
         found = []
-        for p in self.root.iterdir():
+        for p in root.iterdir():
             m = STEP_DIR.match(p.name)
             if m and p.is_dir() and (p / STATE_FILE).is_file():
                 found.append((int(m.group(1)), p))
         return [p for _, p in sorted(found)]
+
+    def complete_checkpoints(self) -> list[Path]:
+        return self.find_complete(self.root)
+
+    def drop_after(self, step: int) -> None:
+        """Remove the complete checkpoints of steps after `step` (rank 0, at start-up): after a resume
+        from an older checkpoint they belong to an abandoned branch, and pruning by step number
+        would otherwise keep them and delete the new run's. `latest` is pointed back at `step`."""
+        if self.rank != 0:
+            return
+        later = [p for p in self.complete_checkpoints() if int(STEP_DIR.match(p.name).group(1)) > step]
+        if not later:
+            return
+        for p in later:
+            shutil.rmtree(p, ignore_errors=True)
+        kept = self.complete_checkpoints()
+        if kept:
+            atomic_write_text(self.root / "latest", kept[-1].name)
+        elif (self.root / "latest").exists():
+            (self.root / "latest").unlink()
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint: the `latest` pointer if it is valid, else a scan."""
@@ -156,5 +187,5 @@ class CheckpointManager:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / 'ds'}")
         rank_file = path / f"rank_{self.rank}.pt"
         if rank_file.is_file():
-            set_rng_state(torch.load(rank_file, weights_only=False))
+            set_rng_state(torch.load(rank_file, weights_only=True))
         return json.loads((path / STATE_FILE).read_text())

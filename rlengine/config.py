@@ -109,8 +109,11 @@ class RolloutConfig:
     dtype: Optional[Literal["auto", "fp32", "bf16"]] = _opt(None, "sampler precision (default: model.dtype)")
     bucket_mb: int = _opt(16, "weight-broadcast bucket size (16 MB measured fastest on CPU gloo)", ge=1)
     sync_timeout_s: float = _opt(300.0, "a weight push (broadcast + the sampler loading it) that takes longer is an error", gt=0)
-    probe_threshold: Optional[float] = _opt(None, "warn when the sampler/trainer log-prob gap exceeds this "
-                                                  "(None: 0.005 in fp32, 0.1 when either side is bf16)", ge=0)
+    probe_threshold: Optional[float] = _opt(None, "a sampler/trainer log-prob gap above this after a push means the "
+                                                  "sampler does not hold the trainer's weights (None: 0.005 in fp32, "
+                                                  "0.1 when either side is bf16)", ge=0)
+    on_probe_failure: Literal["stop", "warn"] = _opt("stop", "a gap still above rollout.probe_threshold after one "
+                                                     "retried push: stop the run (exit code 3), or only warn")
     probe_tokens: int = _opt(64, "probe sequence length: the last half of it from the first prompt, the rest "
                                  "from its response (both sides score the same tokens; short is cheap)", ge=2)
     vllm_kv_cache_gb: float = _opt(1.0, "vLLM KV-cache size", gt=0)

@@ -72,29 +72,55 @@ def probe_threshold(cfg: Config) -> float:
     return 0.005 if cfg.model.dtype == "fp32" and sampler_dtype == "fp32" else 0.1
 
 
+class ProbeFailure(RuntimeError):
+    """The sampler still disagrees with the trainer after a retried push (every trainer rank raises it)."""
+
+
 def push_weights(actor, sampler, ctx, cfg: Config, probe=None) -> dict:
-    """Push the actor's current weights into the sampler(s); checksummed; then probe.
+    """Push the actor's current weights into the sampler(s), checksummed, then probe; a gap above
+    `probe_threshold` retries the push once, and a second one stops the run (ProbeFailure) or
+    warns (`rollout.on_probe_failure`). The gap is the largest over the trainer ranks, so every
+    rank takes the same decision.
 
     Collective over the trainer ranks (the ZeRO-3 gather) and, for `separate`, the world."""
-    if isinstance(sampler, RemoteSampler):
-        metrics = sampler.push(actor, cfg, probe)
-    else:
-        from rlengine.weight_sync import local_push
+    from rlengine.distributed import all_reduce
 
-        metrics = local_push(sampler, actor.named_parameters_gathered())
-        if probe is not None:
-            t0 = time.perf_counter()
-            lp = sampler.score(probe[0], probe[1], temperature=cfg.rollout.temperature)
-            t1 = time.perf_counter()
-            metrics["sync/probe_abs_diff"] = _probe_gap(actor, lp, probe, cfg.rollout.temperature)
-            metrics["sync/probe_sampler_seconds"] = t1 - t0
-            metrics["sync/probe_trainer_seconds"] = time.perf_counter() - t1
-    gap = metrics.get("sync/probe_abs_diff")
     threshold = probe_threshold(cfg)
-    if gap is not None and gap > threshold and ctx.is_main:
-        warnings.warn(f"sampler/trainer log-prob gap {gap:.4f} > rollout.probe_threshold "
-                      f"{threshold}: the sampler may not hold the trainer's weights "
-                      f"(or the precisions differ: rollout.dtype vs model.dtype)")
+    first_gap = None
+    for attempt in (0, 1):
+        if attempt:
+            actor.release_params()                        # the probe's forward left gathers in flight
+        metrics = _push_once(actor, sampler, cfg, probe)
+        gap = all_reduce([metrics.get("sync/probe_abs_diff", -1.0)], op="max", group=ctx.trainer_group)[0]
+        if gap < 0:                                        # no probe on any rank
+            return {**metrics, "sync/retries": 0.0}
+        metrics["sync/probe_abs_diff"], metrics["sync/retries"] = gap, float(attempt)
+        if gap <= threshold:
+            return metrics
+        first_gap = gap if first_gap is None else first_gap
+    message = (f"sampler/trainer log-prob gap {gap:.4g} > rollout.probe_threshold {threshold} after a retried "
+               f"push (first gap {first_gap:.4g}): the sampler does not hold the trainer's weights (or "
+               "rollout.dtype differs from model.dtype)")
+    if cfg.rollout.on_probe_failure == "stop":
+        raise ProbeFailure(message)
+    if ctx.is_main:
+        warnings.warn(message + "; rollout.on_probe_failure=warn: training on")
+    return metrics
+
+
+def _push_once(actor, sampler, cfg: Config, probe) -> dict:
+    if isinstance(sampler, RemoteSampler):
+        return sampler.push(actor, cfg, probe)
+    from rlengine.weight_sync import local_push
+
+    metrics = local_push(sampler, actor.named_parameters_gathered())
+    if probe is not None:
+        t0 = time.perf_counter()
+        lp = sampler.score(probe[0], probe[1], temperature=cfg.rollout.temperature)
+        t1 = time.perf_counter()
+        metrics["sync/probe_abs_diff"] = _probe_gap(actor, lp, probe, cfg.rollout.temperature)
+        metrics["sync/probe_sampler_seconds"] = t1 - t0
+        metrics["sync/probe_trainer_seconds"] = time.perf_counter() - t1
     return metrics
 
 

@@ -10,7 +10,6 @@ Every phase is named and timed (`time/<phase>` in metrics.jsonl).
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 import torch
 
 from rlengine.config import Config, ConfigError, parse_cli, to_dict, to_yaml
+from rlengine.rewards.registry import RewardError
 
 
 class PhaseTimer:
@@ -37,6 +37,24 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def describe_sample(step: int, index: int, prompt, text: str) -> str:
+    """Which sample, for an error message: its place in the step, its data source and row, its text."""
+    head = text[:80].replace("\n", " ") + ("..." if len(text) > 80 else "")
+    return f"sample {index} of step {step} on this rank (source {prompt.source!r}, row {prompt.row}): {head!r}"
+
+
+def push_or_stop(actor, sampler, ctx, cfg: Config, probe) -> dict:
+    """`push_weights`; when it stops the run (every trainer rank at once), the sampler is closed
+    first so that rollout ranks leave their command loop instead of waiting for the next command."""
+    from rlengine.placement import ProbeFailure, push_weights
+
+    try:
+        return push_weights(actor, sampler, ctx, cfg, probe=probe)
+    except ProbeFailure:
+        sampler.close()
+        raise
 
 
 class TrainingStopped(RuntimeError):
@@ -58,6 +76,16 @@ def check_inputs(cfg: Config) -> None:
         key = f"data.mixture.{i}.path" if cfg.data.mixture else "data.path"
         if src.path and src.path.endswith((".jsonl", ".json", ".parquet")) and not Path(src.path).expanduser().is_file():
             raise ConfigError(f"{key}: dataset file {src.path!r} does not exist")
+    from rlengine.checkpoint import CheckpointManager
+
+    ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
+    earlier = CheckpointManager.find_complete(ckpt_root)
+    elsewhere = cfg.run.resume not in ("auto", "never") and Path(cfg.run.resume).resolve().parent != ckpt_root.resolve()
+    if earlier and (cfg.run.resume == "never" or elsewhere):
+        # a fresh run there would prune (by step number) or later resume the other run's checkpoints
+        raise ConfigError(f"run.resume={cfg.run.resume}, but run.output_dir {cfg.run.output_dir!r} holds checkpoints of an "
+                          f"earlier run ({earlier[0].name} .. {earlier[-1].name}): set run.resume=auto to continue "
+                          "it, or choose another run.output_dir")
 
 
 def warn_emulated_bf16(cfg: Config, is_main: bool) -> str | None:
@@ -135,7 +163,6 @@ def run_updates(actor, cfg: Config, ctx, batch, old_logp, ref_logp, advantages, 
     losses, grad_norms, bad_updates = [], [], 0
     token_rows: dict[str, list] = {k: [] for k in ("update", "seq", "pos", "prob", "old_prob", "ratio", "advantage",
                                                    "weight", "rel_weight", "region", "entropy")}
-    inject_nan = os.environ.get("RLENGINE_TEST_NAN_STEPS")
     update = 0
     for _ in range(t.num_iterations):
         for idx in mini_batches(n_groups, n_mini, G, generator):
@@ -159,8 +186,6 @@ def run_updates(actor, cfg: Config, ctx, batch, old_logp, ref_logp, advantages, 
                     loss = loss - t.entropy_coef * aggregate(entropy, mask, lc.agg, max_len=max_len)
                 micro_units = float(mask.sum()) if lc.agg == "token-mean" else float(len(mi))
                 share = micro_units / max(units_global, 1.0)
-                if inject_nan and str(ctx.extra.get("step")) in inject_nan.split(","):
-                    loss = loss * float("nan")
                 actor.backward(loss * share * gas * world)
                 stepped, gnorm = actor.step()
                 mb_loss += float(loss.detach()) * share
@@ -248,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlengine: config error: {e}", file=sys.stderr)
         return 2
     from rlengine.distributed import barrier, init_distributed
+    from rlengine.placement import ProbeFailure
 
     ctx = init_distributed(cfg)
     warn_emulated_bf16(cfg, ctx.is_main)
@@ -257,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         return rollout_rank_main(cfg, ctx)
     try:
         code = train(cfg, ctx)
-    except TrainingStopped as e:  # every trainer rank stops at the same step
+    except (TrainingStopped, ProbeFailure) as e:  # every trainer rank stops at the same step
         if ctx.is_main:
             print(f"rlengine: training stopped: {e}", file=sys.stderr)
         code = 3
+    except RewardError as e:      # this rank's samples only: exit now, the launcher stops the others
+        print(f"rlengine: training stopped: {e}", file=sys.stderr, flush=True)
+        return 4
     # no barrier after an exception: a rank that raised exits at once with its traceback and the
     # launcher stops the others (a barrier there hung forever beside a rank inside a collective)
     barrier()
@@ -279,8 +308,8 @@ def train(cfg: Config, ctx) -> int:
     from rlengine.logger import MetricsLogger, write_token_dump
     from rlengine.losses import LOSSES
     from rlengine.model import load_tokenizer, resolve_model_path
-    from rlengine.placement import make_sampler, push_weights
-    from rlengine.rewards import RewardPool
+    from rlengine.placement import make_sampler
+    from rlengine.rewards import RewardPool, check_finite, get_reward
     from rlengine.rollout.base import SamplingParams
     from rlengine.runtime import memory_gb
 
@@ -297,6 +326,7 @@ def train(cfg: Config, ctx) -> int:
     tokenizer = load_tokenizer(model_path)
     prompts = build_prompt_stream(cfg.data, tokenizer)
     rewards = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s)
+    reward_parts = get_reward(cfg.reward.name).parts                # logged as reward/<part>
     loss_fn = LOSSES.build(cfg.loss.name, **cfg.loss.params)   # resolved and validated once
     R, G, T = cfg.rollout, cfg.rollout.group_size, cfg.rollout.temperature
     local_prompts = R.prompts_per_step // ctx.num_trainers
@@ -331,11 +361,12 @@ def train(cfg: Config, ctx) -> int:
         state = ckpt.load(resume_from, actor.engine)
         prompts.load_state_dict(state["data"])
         start_step, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
-        logger.truncate_after(start_step)
         if ctx.is_main:
             print(f"rlengine: resumed from {resume_from} at step {start_step}", flush=True)
-    shuffle_gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + start_step)
-    sync_metrics = push_weights(actor, sampler, ctx, cfg, probe=None)  # the sampler starts from the actor
+    logger.truncate_after(start_step)       # every start: a killed run's lines past its checkpoint go
+    ckpt.drop_after(start_step)              # and so do checkpoints of a branch abandoned by an older resume
+    last_checkpoint_s = None
+    sync_metrics = push_or_stop(actor, sampler, ctx, cfg, probe=None)  # the sampler starts from the actor
 
     sampling = SamplingParams(temperature=T, top_p=R.top_p, max_new_tokens=R.max_new_tokens, stop=list(R.stop))
     bar = tqdm(total=cfg.run.total_steps, initial=start_step, disable=not ctx.is_main, desc="rlengine",
@@ -343,7 +374,6 @@ def train(cfg: Config, ctx) -> int:
 
     # 3. the loop -----------------------------------------------------------------------------
     for step in range(start_step + 1, cfg.run.total_steps + 1):
-        ctx.extra["step"] = step
         timer = PhaseTimer()
         t_step = time.perf_counter()
 
@@ -370,6 +400,8 @@ def train(cfg: Config, ctx) -> int:
         with timer("reward"):
             answers = [mine[i].answer for i in gen.prompt_index]
             scored = rewards.score_detailed(gen.texts, answers, reward=cfg.reward.name)
+            check_finite(scored, cfg.reward.name, lambda i: describe_sample(step, i, mine[gen.prompt_index[i]],
+                                                                            gen.texts[i]))
             reward = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)   # [B]
             if ref_logp is not None and cfg.train.kl_in_reward:
                 from rlengine.losses import kl_penalty
@@ -393,11 +425,15 @@ def train(cfg: Config, ctx) -> int:
                 advantages = advantages.unsqueeze(1) * tis                    # [B, T]
 
         with timer("train"):
+            # the mini-batch shuffle is a function of (seed, step) alone: a resumed run draws what the
+            # uninterrupted run drew at that step (one generator carried across steps was re-seeded)
+            shuffle_gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + step)
             dump = cfg.run.token_dump_every > 0 and step % cfg.run.token_dump_every == 0 and ctx.is_main
             metrics, bad, tokens = run_updates(actor, cfg, ctx, batch, old_logp, ref_logp, advantages,
                                                shuffle_gen, record_tokens=dump, loss_fn=loss_fn)
         bad_in_a_row = bad_in_a_row + 1 if bad else 0
         if bad_in_a_row >= cfg.run.max_bad_steps:
+            sampler.close()   # every trainer rank stops at this step: release the rollout ranks too
             raise TrainingStopped(
                 f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step}). Look at: the "
                 "learning rate (train.lr), advantages of degenerate groups, bf16 overflow (try model.dtype=fp32), "
@@ -405,19 +441,19 @@ def train(cfg: Config, ctx) -> int:
 
         with timer("sync"):
             probe = probe_sequence(gen, R.probe_tokens)
-            sync_metrics = push_weights(actor, sampler, ctx, cfg, probe=probe)
+            sync_metrics = push_or_stop(actor, sampler, ctx, cfg, probe=probe)
 
         # 4. log ------------------------------------------------------------------------------
         n_resp_tokens = float(batch.resp_mask.sum())
         lens = torch.tensor([len(r) for r in gen.response_ids], dtype=torch.float32)
         red = all_reduce([float(reward.sum()), float((reward ** 2).sum()), float(len(reward)),
                           float(lens.sum()), n_resp_tokens] +
-                         [float(sum(s.get(k, 0.0) for s in scored)) for k in ("answer", "format")], group=group)
+                         [float(sum(s.get(k, 0.0) for s in scored)) for k in reward_parts], group=group)
         n = red[2]
         step_time = time.perf_counter() - t_step
         record = {
             "reward/mean": red[0] / n, "reward/std": max(red[1] / n - (red[0] / n) ** 2, 0.0) ** 0.5,
-            "reward/answer": red[5] / n, "reward/format": red[6] / n,
+            **{f"reward/{part}": total / n for part, total in zip(reward_parts, red[5:])},   # as the reward declares
             **metrics,
             "lr": actor.lr(),
             "response_len/mean": red[3] / n,
@@ -430,6 +466,9 @@ def train(cfg: Config, ctx) -> int:
             "reward_pool/timeouts": float(rewards.stats.get("timeouts", 0)),
             "reward_pool/errors": float(rewards.stats.get("errors", 0)),
             "data/draws": float(prompts.state_dict()["draws"]),    # prompts consumed so far
+            "data/prompts": float(prompts.stats.get("num_prompts", 0)),       # usable prompts loaded
+            "data/bad_rows": float(prompts.stats.get("bad_rows", 0)),          # skipped at load (skip_bad_rows)
+            "data/dropped_too_long": float(prompts.stats.get("dropped_too_long", 0)),   # > max_prompt_tokens
             "data/epoch": float(prompts.state_dict()["sources"][0]["epoch"]),
             "data/index": float(prompts.state_dict()["sources"][0]["index"]),
         }
@@ -441,13 +480,16 @@ def train(cfg: Config, ctx) -> int:
                              cfg.loss.params["eps_low"], cfg.loss.params["eps_high"],
                              cfg.run.token_dump_max, seed=step)
 
-        # 5. checkpoint -------------------------------------------------------------------------
+        # 5. log, then checkpoint: a step's line is written before its checkpoint commits, so a kill
+        # at any moment leaves each step's line exactly once after resume's truncation ----------
+        if last_checkpoint_s is not None:
+            record["time/checkpoint"], last_checkpoint_s = last_checkpoint_s, None   # the previous step's save
+        logger.log(step, record)
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
             with timer("checkpoint"):
                 ckpt.save(step, actor.engine, {"data": prompts.state_dict(), "bad_in_a_row": bad_in_a_row},
                           to_yaml(cfg))
-            record["time/checkpoint"] = timer.seconds["checkpoint"]
-        logger.log(step, record)
+            last_checkpoint_s = timer.seconds["checkpoint"]
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", s_per_step=f"{step_time:.1f}")
         bar.update(1)
 

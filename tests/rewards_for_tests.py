@@ -13,3 +13,20 @@ def has_digit(text: str, ground_truth: str) -> float:
     """1 when the response contains a digit: a 'correct' answer that a dozen tokens of the untrained
     model reach some of the time, so Pass@k of an evaluation of a short run is neither 0 nor 1."""
     return float(any(ch.isdigit() for ch in text))
+
+
+from rlengine.rewards import register_reward  # noqa: E402  (light: no torch)
+
+
+@register_reward("test_digits_and_brevity", parts=("digits", "brevity"))
+def digits_and_brevity(text: str, ground_truth: str) -> dict[str, float]:
+    """Two declared parts, so the trainer must log reward/digits and reward/brevity (and no
+    reward/answer or reward/format, which this reward does not have)."""
+    digits = digit_fraction(text, ground_truth)
+    brevity = 1.0 / (1.0 + len(text) / 20.0)
+    return {"reward": digits + brevity, "digits": digits, "brevity": brevity}
+
+
+def nan_when_long(text: str, ground_truth: str) -> float:
+    """A broken reward: NaN for any response over 5 characters."""
+    return float("nan") if len(text) > 5 else 0.0

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from rlengine.losses import REGIONS
-from tests.engine_helpers import TINY, read_metrics, run_training
+from tests.engine_helpers import REPO, TINY, read_metrics, run_training
 
 QUICK = TINY + ["run.total_steps=2", "run.export_final=false", "run.tensorboard=false", "run.token_dump_every=0",
                 "data.system_prompt=none"]
@@ -57,11 +57,22 @@ def scaled_is(ctx, *, eps_low=0.2, eps_high=0.2, scale=2.0):
 
 
 def test_plugin_loss_trains_from_the_config(tmp_path):
+    """Also the reward and data lines of metrics.jsonl: a reward with two declared parts, and a
+    prompt-length limit that drops some of the bundled prompts."""
     (tmp_path / "lab_losses.py").write_text(PLUGIN)
     out = tmp_path / "run"
     r = run_training(tmp_path, 1, QUICK + [f"run.output_dir={out}", "loss.name=lab_losses:scaled_is",
-                                           "loss.scale=3.0"], pythonpath=str(tmp_path))
+                                           "loss.scale=3.0", "reward.name=tests.rewards_for_tests:digits_and_brevity",
+                                           "data.max_prompt_tokens=48"], pythonpath=str(tmp_path))
     rows = check_trained(r, out, "lab_losses:scaled_is")
+    rows_in_file = sum(1 for line in (REPO / "rlengine" / "data_files" / "arithmetic_train.jsonl").open() if line.strip())
     for row in rows:
         # the plug-in, with the config's scale, was the loss: w / r = 3 up to float32 rounding (~1 ulp)
         assert row["eur"] == pytest.approx(3.0, rel=1e-6)
+        # reward/<part> for each part the reward declares, and no parts it does not have
+        assert 0 <= row["reward/digits"] <= 1 and 0 < row["reward/brevity"] <= 1
+        assert row["reward/mean"] == pytest.approx(row["reward/digits"] + row["reward/brevity"], rel=1e-6)
+        assert "reward/answer" not in row and "reward/format" not in row
+        # every row of the bundled training file is a usable prompt or was dropped as too long
+        assert row["data/dropped_too_long"] > 0 and row["data/bad_rows"] == 0
+        assert row["data/prompts"] + row["data/dropped_too_long"] == rows_in_file

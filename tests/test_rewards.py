@@ -148,3 +148,15 @@ def test_register_reward_decorator():
             register_reward("_test_const")(lambda t, g: 0.0)
     finally:
         REWARDS.pop("_test_const")
+
+
+def test_check_finite_names_the_reward_the_part_and_the_sample():
+    from rlengine.rewards import RewardError, check_finite
+
+    ok = [{"reward": 1.0, "answer": 1.0}, {"reward": 0.0, "answer": 0.0}]
+    check_finite(ok, "answer_format", lambda i: f"sample {i}")
+    for bad, words in [([{"reward": float("nan")}], ["nan", "its total", "sample 0"]),
+                       ([{"reward": 1.0}, {"reward": 1.0, "format": float("inf")}], ["inf", "part 'format'", "sample 1"])]:
+        with pytest.raises(RewardError) as e:
+            check_finite(bad, "my_reward", lambda i: f"sample {i}")
+        assert "'my_reward'" in str(e.value) and all(w in str(e.value) for w in words), str(e.value)

@@ -13,7 +13,7 @@ from rlengine.rewards.extract import extract_answer_tag, extract_boxed
 from rlengine.rewards.format import format_reward
 from rlengine.rewards.math_answer import answers_match, math_reward
 from rlengine.rewards.pool import RewardPool
-from rlengine.rewards.registry import REWARDS, RewardSpec, get_reward, register_reward
+from rlengine.rewards.registry import REWARDS, RewardError, RewardSpec, check_finite, get_reward, register_reward
 
-__all__ = ["REWARDS", "RewardPool", "RewardSpec", "answers_match", "extract_answer_tag", "extract_boxed",
+__all__ = ["REWARDS", "RewardError", "RewardPool", "RewardSpec", "check_finite", "answers_match", "extract_answer_tag", "extract_boxed",
            "format_reward", "get_reward", "math_reward", "register_reward"]

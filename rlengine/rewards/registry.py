@@ -14,6 +14,7 @@ or name it as `module:function` in the config (imported on first use). Built-ins
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +43,21 @@ class RewardSpec:
 
 
 REWARDS: dict[str, RewardSpec] = {}
+
+
+class RewardError(RuntimeError):
+    """A reward function returned something the trainer must not train on (a NaN, an inf)."""
+
+
+def check_finite(scored: list[dict[str, float]], reward: str, describe: Callable[[int], str]) -> None:
+    """RewardError naming the reward, the part and the first sample whose score is not finite
+    (`describe(i)` says which sample i is): a NaN would otherwise flow into the advantages and
+    every update of the step would be skipped with no hint why."""
+    for i, item in enumerate(scored):
+        for part, value in item.items():
+            if not math.isfinite(value):
+                what = "its total" if part == "reward" else f"part {part!r}"
+                raise RewardError(f"reward {reward!r} returned {value} ({what}) for {describe(i)}")
 
 
 def as_detailed(value) -> dict[str, float]:
