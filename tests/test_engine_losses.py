@@ -58,12 +58,12 @@ def scaled_is(ctx, *, eps_low=0.2, eps_high=0.2, scale=2.0):
 
 def test_plugin_loss_trains_from_the_config(tmp_path):
     """Also the reward and data lines of metrics.jsonl: a reward with two declared parts, and a
-    prompt-length limit that drops some of the bundled prompts."""
+    prompt-length limit that drops some of the bundled prompts (60 tokens: 543 of the 3000 measured)."""
     (tmp_path / "lab_losses.py").write_text(PLUGIN)
     out = tmp_path / "run"
     r = run_training(tmp_path, 1, QUICK + [f"run.output_dir={out}", "loss.name=lab_losses:scaled_is",
                                            "loss.scale=3.0", "reward.name=tests.rewards_for_tests:digits_and_brevity",
-                                           "data.max_prompt_tokens=48"], pythonpath=str(tmp_path))
+                                           "data.max_prompt_tokens=60"], pythonpath=str(tmp_path))
     rows = check_trained(r, out, "lab_losses:scaled_is")
     rows_in_file = sum(1 for line in (REPO / "rlengine" / "data_files" / "arithmetic_train.jsonl").open() if line.strip())
     for row in rows:
