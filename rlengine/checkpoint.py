@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -157,9 +156,6 @@ class CheckpointManager:
         self.barrier()
         engine.save_checkpoint(str(tmp / "ds"), tag="ckpt")
         torch.save(rng_state(), tmp / f"rank_{self.rank}.pt")
-        pause = float(os.environ.get("RLENGINE_TEST_SAVE_PAUSE_S", "0"))  # lets a test kill -9 mid-save
-        if pause:
-            time.sleep(pause)
         self.barrier()
         if self.rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)

@@ -15,12 +15,10 @@ from tests.engine_helpers import REPO, TINY, free_port, launch_cmd, read_metrics
 pytestmark = pytest.mark.slow
 
 
-def _start(tmp, overrides, env_extra=None):
-    env = run_env()
-    env.update(env_extra or {})
+def _start(tmp, overrides, script="rlengine/train.py"):
     log = open(tmp / "run.log", "a")
-    return subprocess.Popen(launch_cmd(tmp, 2, overrides), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(launch_cmd(tmp, 2, overrides, script=script), cwd=REPO, env=run_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _kill_all(proc):
@@ -49,7 +47,7 @@ def test_kill9_and_resume(tmp_path):
     _kill_all(proc)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000004"
     # 2. resume; kill -9 again while the step-6 checkpoint is being written
-    proc = _start(tmp_path, overrides + ["run.resume=auto"], {"RLENGINE_TEST_SAVE_PAUSE_S": "30"})
+    proc = _start(tmp_path, overrides + ["run.resume=auto"], script="tests/hooks/train_slow_save.py")
     _wait_for(lambda: any((out / "checkpoints").glob(".tmp-step_000006")), proc, 900, "the step-6 save")
     time.sleep(2)
     _kill_all(proc)
