@@ -203,11 +203,11 @@ def sequence_mean(x: Tensor, mask_f: Tensor) -> Tensor:
     return (x * mask_f).sum(-1, keepdim=True) / mask_f.sum(-1, keepdim=True).clamp(min=1)
 
 
-def sequence_ratio(ctx: RatioContext) -> Tensor:
+def sequence_ratio(log_ratio: Tensor, mask_f: Tensor) -> Tensor:
     """GSPO's s_i = (pi / pi_old)^(1/|o_i|) = exp(mean_t log r_t), broadcast to its tokens (1 on
-    padding), carrying gradient. [B, T]"""
-    s = torch.exp(sequence_mean(ctx.logp - ctx.old_logp, ctx.mask))       # [B, 1]
-    return torch.lerp(torch.ones_like(ctx.ratio), s.expand_as(ctx.ratio), ctx.mask)
+    padding); it carries gradient when `log_ratio` does. [B, T]"""
+    s = torch.exp(sequence_mean(log_ratio, mask_f))                        # [B, 1]
+    return torch.lerp(torch.ones_like(log_ratio), s.expand_as(log_ratio), mask_f)
 
 
 def region_codes(ctx: RatioContext, mask_f: Tensor) -> Tensor:
@@ -218,9 +218,15 @@ def region_codes(ctx: RatioContext, mask_f: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- aggregation
 
-def _check_agg(agg: str, max_len: int | None, width: int) -> int:
+def check_agg_mode(agg: str, loss: str | None = None) -> None:
+    """ValueError naming the valid aggregations (and the loss, when given) for an unknown `agg`."""
     if agg not in AGG_MODES:
-        raise ValueError(f"aggregation {agg!r} is not valid; valid choices: {', '.join(AGG_MODES)}")
+        prefix = f"loss {loss!r}: " if loss else ""
+        raise ValueError(f"{prefix}aggregation {agg!r} is not valid; valid choices: {', '.join(AGG_MODES)}")
+
+
+def _check_agg(agg: str, max_len: int | None, width: int) -> int:
+    check_agg_mode(agg)
     if max_len is None:
         return width
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -487,8 +493,8 @@ def register_loss(name: str, *, elementwise: bool = True, agg: str | None = None
     gradient is then assembled exactly from one elementwise autograd pass (the fast path), and
     `LOSSES.build` checks the promise. elementwise=False takes plain autograd of the aggregated
     loss (sequence-level losses: GSPO, GMPO). Returns `fn` unchanged."""
-    if agg is not None and agg not in AGG_MODES:
-        raise ValueError(f"loss {name!r}: aggregation {agg!r} is not valid; valid choices: {', '.join(AGG_MODES)}")
+    if agg is not None:
+        check_agg_mode(agg, name)
 
     def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if name in LOSSES and not replace:
@@ -647,8 +653,7 @@ class LossFn:
         """
         name = self.name
         agg = agg or self.entry.agg
-        if agg not in AGG_MODES:
-            raise ValueError(f"loss {name!r}: aggregation {agg!r} is not valid; valid choices: {', '.join(AGG_MODES)}")
+        check_agg_mode(agg, name)
         _check_inputs(name, logp, old_logp, advantages, mask, entropy)
 
         dtype = torch.promote_types(logp.dtype, torch.float32)

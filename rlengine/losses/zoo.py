@@ -202,8 +202,7 @@ def dgpo(ctx: RatioContext, *, eps_low: float = 0.2, eps_high: float = 0.2, n: f
 
 def _sequence_ratio_sg(ctx: RatioContext) -> Tensor:
     """sg(s_i) broadcast to the tokens (1 on padding): GSPO's trust region acts on it. [B, T]"""
-    s = torch.exp(sequence_mean(ctx.log_ratio, ctx.mask))                # [B, 1]
-    return torch.lerp(torch.ones_like(ctx.ratio_sg), s.expand_as(ctx.ratio_sg), ctx.mask)
+    return sequence_ratio(ctx.log_ratio, ctx.mask)
 
 
 def _ppo_clip(ctx: RatioContext, s: Tensor) -> Tensor:
@@ -223,7 +222,7 @@ def gspo(ctx: RatioContext, *, eps_low: float = 3e-4, eps_high: float = 4e-4) ->
     token's own A_t and sign apply to the shared s_i (plain autograd: exact).
     Defaults eps_low = 3e-4, eps_high = 4e-4 (the paper's sec. 5.1).
     """
-    return _ppo_clip(ctx, sequence_ratio(ctx)) * ctx.mask
+    return _ppo_clip(ctx, sequence_ratio(ctx.logp - ctx.old_logp, ctx.mask)) * ctx.mask
 
 
 @register_loss("gspo_token", elementwise=False, agg="seq-mean-token-mean", region_ratio=_sequence_ratio_sg)
