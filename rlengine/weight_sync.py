@@ -9,6 +9,9 @@ Owns:
   * `local_push(sampler, named_tensors)`: the colocated placement (no broadcast). A sampler
     that `consumes_weights_lazily` gets the gathered tensors themselves, one at a time (no copy
     of the model); any other gets copies, all checked before it sees one.
+  * `tensor_digest` / `WeightsDigest` / `digesting(stream)`: the digest of what a push sends (the
+    trainer, as the tensors go out) and of what a sampler loaded (the sampler, from what it holds
+    or received); `placement.verify_push` compares the two.
   * `write_safetensors(path, named_tensors, manifest)`: a safetensors file written tensor by
     tensor as they arrive (the header comes from the manifest), for a sampler in another process.
   * `probe_gap(...)` / `probe_abs_diff(...)`: mean |sampler log-prob - trainer log-prob| on a fixed
@@ -21,7 +24,7 @@ manifest's object broadcast by the group's own timeout, which `new_sync_group` s
      when it changed since the last push.
   3. the weights as one virtual byte stream (each tensor at a 64-byte aligned offset, manifest
      order) cut into fixed-size buckets. The source packs bucket k+1 (copy, finiteness check,
-     xxh3_64, done 1 MB at a time so each byte is read from DRAM once) while bucket k is in
+     xxh3_64 on CPU, `_device_checksum` on GPU; done 1 MB at a time so each byte is read from DRAM once) while bucket k is in
      flight (two staging buffers, async broadcasts); receivers
      receive straight into one flat buffer, so every tensor is a view of it and no unpacking copy
      is made; they hash each bucket as it lands.
@@ -59,8 +62,8 @@ DEFAULT_LAYER_REGEX = r"^(.*?\.)?layers\.\d+\."
 class WeightSyncError(RuntimeError):
     """A weight push failed (bad checksum, name mismatch, non-finite value, timeout).
 
-    `metrics` holds what can still be logged for the failed step (`sync/checksum_ok` = 0.0 when a
-    checksum did not match)."""
+    `metrics` holds what can still be logged for the failed step (`sync/buckets_verified` = 0.0
+    when a bucket checksum did not match)."""
 
     def __init__(self, message: str, metrics: dict | None = None):
         super().__init__(message)
@@ -209,12 +212,47 @@ def new_sync_group(ranks: list[int], timeout_s: float, backend: str | None = Non
 
 
 def _checksum(buf: torch.Tensor) -> int:
-    """xxh3_64 of a CPU byte buffer; on GPU a wrapping int64 sum of its 8-byte words (on device)."""
+    """xxh3_64 of a CPU byte buffer; on GPU `_device_checksum` (computed where the bytes are)."""
     if buf.is_cuda:
-        return int(buf.view(torch.int64).sum())
+        return _device_checksum(buf)
     import xxhash
 
     return xxhash.xxh3_64_intdigest(memoryview(buf.numpy()))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(u: int) -> int:
+    u &= _MASK64
+    return u - (1 << 64) if u >= (1 << 63) else u
+
+
+_MIX1, _MIX2 = _as_int64(0xBF58476D1CE4E5B9), _as_int64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 words (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 words (multiplication wraps mod 2^64): a bijection that
+    spreads every input bit over the whole word."""
+    x = x ^ _shr(x, 30)
+    x = x * _MIX1
+    x = x ^ _shr(x, 27)
+    x = x * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def _device_checksum(buf: torch.Tensor) -> int:
+    """A position-sensitive digest of a byte buffer (length a multiple of 8) computed on its own
+    device: the wrapping sum of mix(word_i XOR mix(i)). A plain sum of the words (the old GPU
+    digest) does not change when two words trade places; here each word is bound to its index."""
+    words = buf.view(torch.int64)                                             # [N]
+    index = torch.arange(words.numel(), dtype=torch.int64, device=buf.device)   # [N]
+    return int(_mix64(words ^ _mix64(index)).sum())
 
 
 _PIECE_BYTES = 1 << 20  # packing granularity: small enough to stay in cache between copy, check and hash
@@ -255,8 +293,6 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
-def _to_int64(u: int) -> int:
-    return u - (1 << 64) if u >= (1 << 63) else u
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,11 +302,12 @@ class WeightBroadcaster:
     """Bucketed, checksummed broadcast of named tensors from `src_rank` to the rest of `group`.
 
     `src_rank` is a global rank. Metrics returned by push/receive: `sync/seconds`, `sync/gbps`,
-    `sync/bytes`, `sync/num_buckets`, `sync/checksum_ok` (1.0; a failure raises instead), and on
+    `sync/bytes`, `sync/num_buckets`, `sync/buckets_verified` (buckets whose checksum the receivers
+    matched: all of them, since a mismatch raises instead), and on
     receivers `sync/apply_seconds`."""
 
     def __init__(self, group, src_rank: int, bucket_mb: float = 64, timeout_s: float = 300.0,
-                 device: torch.device | str | None = None, _corrupt_hook: Callable[[int, torch.Tensor], None] | None = None):
+                 device: torch.device | str | None = None):
         self.group = group
         self.src_rank = src_rank
         self.bucket_bytes = max(_ALIGN, int(bucket_mb * (1 << 20)) // _ALIGN * _ALIGN)
@@ -278,7 +315,6 @@ class WeightBroadcaster:
         self.timeout_s = timeout_s
         backend = dist.get_backend(group)
         self.device = torch.device(device if device is not None else ("cuda" if backend == "nccl" else "cpu"))
-        self._corrupt_hook = _corrupt_hook  # test hook on receivers: (bucket index, bucket bytes) after arrival
         self._sent_hash: int | None = None
         self._manifest: list[TensorSpec] | None = None
         self._recv_hash: int | None = None
@@ -314,7 +350,7 @@ class WeightBroadcaster:
         if bad_bucket is not None:
             name = layout.manifest[layout.first_entry_in_bucket(bad_bucket)].name
             raise WeightSyncError(f"weight sync ({side}): checksum mismatch in bucket {bad_bucket} "
-                                  f"(first tensor {name!r}); the push is aborted", {"sync/checksum_ok": 0.0})
+                                  f"(first tensor {name!r}); the push is aborted", {"sync/buckets_verified": 0.0})
         if names_bad:
             raise WeightSyncError(f"weight sync ({side}): the sampler loaded a different set of tensors than was sent")
         if apply_failed:
@@ -412,7 +448,7 @@ class WeightBroadcaster:
             except StopIteration:
                 pass
         status = 0 if refused is None else 1
-        trailer = torch.tensor([status, refused[0] if refused else -1] + [_to_int64(c) for c in checksums],
+        trailer = torch.tensor([status, refused[0] if refused else -1] + [_as_int64(c) for c in checksums],
                                dtype=torch.int64, device=self.device)
         self._bcast(trailer, "checksum broadcast")
         if refused is not None:
@@ -422,13 +458,13 @@ class WeightBroadcaster:
         self._verdict(layout, bad, names_bad, apply_failed, "sender")
         seconds = time.perf_counter() - t0
         return {"sync/seconds": seconds, "sync/gbps": layout.total / seconds / 1e9, "sync/bytes": float(layout.total),
-                "sync/num_buckets": float(nb), "sync/checksum_ok": 1.0}
+                "sync/num_buckets": float(nb), "sync/buckets_verified": float(nb)}
 
     # -- receivers ----------------------------------------------------------------------------
     def receive(self, apply_fn: Callable[[list[tuple[str, torch.Tensor]]], Iterable[str] | None]) -> dict:
         """Receive one push and hand every (name, tensor) to `apply_fn` once, after all checksums
         matched. The tensors are views of a buffer reused by the next push: copy what you keep.
-        `apply_fn` returns the names it loaded (None = all of them)."""
+        `apply_fn` returns the names it loaded (or a sampler's `LoadReport`; None = all of them)."""
         t0 = time.perf_counter()
         header = torch.zeros(4, dtype=torch.int64, device=self.device)
         self._bcast(header, "header broadcast (waiting for the trainer's push)")
@@ -454,8 +490,6 @@ class WeightBroadcaster:
         for k in range(nb):
             self._wait(works[k], f"bucket {k} broadcast")
             lo, hi = layout.bucket_range(k)
-            if self._corrupt_hook is not None:
-                self._corrupt_hook(k, self._flat[lo:hi])
             local.append(_checksum(self._flat[lo:hi]))
         trailer = torch.zeros(2 + nb, dtype=torch.int64, device=self.device)
         self._bcast(trailer, "checksum broadcast")
@@ -464,7 +498,7 @@ class WeightBroadcaster:
             self._exchange_outcome(None, nb, False, False)
             name = layout.manifest[entry].name if 0 <= entry < len(layout.manifest) else "?"
             raise WeightSyncError(f"weight sync (receiver): the trainer refused the push at tensor {name!r}")
-        bad = next((k for k in range(nb) if _to_int64(local[k]) != sent[k]), None)
+        bad = next((k for k in range(nb) if _as_int64(local[k]) != sent[k]), None)
         names_bad = apply_failed = False
         apply_seconds = 0.0
         error: BaseException | None = None
@@ -474,6 +508,7 @@ class WeightBroadcaster:
             ta = time.perf_counter()
             try:
                 loaded = apply_fn(views)
+                loaded = getattr(loaded, "names", loaded)   # a sampler's LoadReport, or plain names
                 if loaded is not None:
                     loaded = set(loaded)
                     sent_names = {s.name for s in layout.manifest}
@@ -490,27 +525,30 @@ class WeightBroadcaster:
         self._verdict(layout, bad, names_bad, apply_failed, "receiver")
         seconds = time.perf_counter() - t0
         return {"sync/seconds": seconds, "sync/gbps": layout.total / seconds / 1e9, "sync/bytes": float(layout.total),
-                "sync/num_buckets": float(nb), "sync/checksum_ok": 1.0, "sync/apply_seconds": apply_seconds}
+                "sync/num_buckets": float(nb), "sync/buckets_verified": float(nb),
+                "sync/apply_seconds": apply_seconds}
 
 
 # ------------------------------------------------------------------------------------------------
 # Colocated placement and the probe
 # ------------------------------------------------------------------------------------------------
-def local_push(sampler, named_tensors: Iterable[tuple[str, torch.Tensor]] | ParamStream) -> dict:
-    """Load weights into a sampler in this process (colocated placement).
+def local_push(sampler, named_tensors: Iterable[tuple[str, torch.Tensor]] | ParamStream):
+    """Load weights into a sampler in this process (colocated placement); returns the sampler's
+    `LoadReport` and the transfer metrics. Whether the sampler loaded what was sent (names, digest)
+    is decided by `placement.verify_push`, for both placements alike.
 
-    Non-finite tensors are refused, and the set of names the sampler reports loaded must equal the
-    set handed over. Two ways, chosen by the sampler's `consumes_weights_lazily`:
+    Non-finite tensors are refused (WeightSyncError naming the tensor). Two ways, chosen by the
+    sampler's `consumes_weights_lazily`:
       * lazily: the sampler gets a stream (with the manifest when the input has one) of the
         trainer's own tensors, each checked just before it is handed over; the sampler copies
         each out before asking for the next, so at most one gathered ZeRO-3 layer is alive
         beside the sampler's copy. A refused tensor raises inside the sampler's load, which must
         then leave the engine untouched (the vLLM file transport loads nothing before the end).
       * eagerly: every tensor is copied (the trainer keeps updating its own) and checked before
-        the sampler sees any of them."""
+        the sampler sees any of them.
+    The input is always iterated to its end, also after an error: ZeRO-3 gathering is collective."""
     t0 = time.perf_counter()
     nbytes = 0
-    sent: list[str] = []
 
     def checked(stream):
         nonlocal nbytes
@@ -519,28 +557,77 @@ def local_push(sampler, named_tensors: Iterable[tuple[str, torch.Tensor]] | Para
             if t.is_floating_point() and t.numel() and not _all_finite(t):
                 raise WeightSyncError(f"weight sync: tensor {name!r} holds non-finite values (NaN/Inf); "
                                       "refusing to push it")
-            sent.append(name)
             nbytes += t.numel() * t.element_size()
             yield name, t
 
-    if getattr(sampler, "consumes_weights_lazily", False):
-        manifest = getattr(named_tensors, "manifest", None)
-        stream = checked(named_tensors)
-        loaded = sampler.load_weights(stream if manifest is None else ParamStream(manifest, lambda: stream))
-        for _ in stream:   # a sampler that stopped early: the gathers are collective, finish them
+    source = iter(named_tensors)
+    try:
+        if getattr(sampler, "consumes_weights_lazily", False):
+            manifest = getattr(named_tensors, "manifest", None)
+            stream = checked(source)
+            report = sampler.load_weights(stream if manifest is None else ParamStream(manifest, lambda: stream))
+        else:
+            report = sampler.load_weights([(name, t.clone()) for name, t in checked(source)])
+    finally:
+        for _ in source:   # a sampler that stopped early, or a refused tensor: finish the gathers
             pass
-    else:
-        pairs = [(name, t.clone()) for name, t in checked(named_tensors)]
-        loaded = sampler.load_weights(pairs)
-    sent_set = set(sent)
-    loaded = sent_set if loaded is None else set(loaded)
-    if loaded != sent_set:
-        diff = sorted(sent_set ^ loaded)
-        raise WeightSyncError(f"weight sync: the sampler loaded a different set of tensors than was sent "
-                              f"(first difference {diff[0]!r}, {len(diff)} differ)")
     seconds = time.perf_counter() - t0
-    return {"sync/seconds": seconds, "sync/gbps": nbytes / seconds / 1e9, "sync/bytes": float(nbytes),
-            "sync/num_buckets": 0.0, "sync/checksum_ok": 1.0}
+    return report, {"sync/seconds": seconds, "sync/gbps": nbytes / seconds / 1e9, "sync/bytes": float(nbytes),
+                    "sync/num_buckets": 0.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# What a sampler holds: the digest both sides compute
+# ------------------------------------------------------------------------------------------------
+def tensor_digest(name: str, t: torch.Tensor) -> int:
+    """xxh3_64 of a tensor's name, shape, dtype and bytes (a GPU tensor is copied to the CPU first:
+    one definition for every device, so a CPU sampler and a GPU trainer agree)."""
+    import xxhash
+
+    data = t.detach()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    h = xxhash.xxh3_64(f"{name}|{tuple(data.shape)}|{data.dtype}".encode())
+    h.update(memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.intdigest()
+
+
+class WeightsDigest:
+    """The digest of a set of named tensors: the sum mod 2^64 of their `tensor_digest`s. Order-free
+    (a sampler may load in its own order); each term binds a tensor's bytes to its name and to
+    their positions, so a changed, dropped, renamed or reordered-within tensor changes it."""
+
+    def __init__(self):
+        self.value = 0
+        self.count = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        self.value = (self.value + tensor_digest(name, t)) & _MASK64
+        self.count += 1
+
+
+def weights_digest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    digest = WeightsDigest()
+    for name, t in named_tensors:
+        digest.add(name, t)
+    return digest.value
+
+
+def digesting(named_tensors: Iterable[tuple[str, torch.Tensor]] | ParamStream):
+    """(the same tensors as a ParamStream, a WeightsDigest filled as they are iterated): the
+    trainer's side of a push's digest, computed from the tensors on their way out."""
+    digest = WeightsDigest()
+    manifest = getattr(named_tensors, "manifest", None)
+    if manifest is None:
+        pairs = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        manifest, named_tensors = manifest_of(pairs), pairs
+
+    def generate():
+        for name, t in named_tensors:
+            digest.add(name, t)
+            yield name, t
+
+    return ParamStream(manifest, generate), digest
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",

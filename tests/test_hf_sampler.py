@@ -1,8 +1,11 @@
 """The HF `generate` sampler on the real embedded SmolLM2 (short generations, fp32).
 
 Measured agreement of the sampler's log-probs (recorded during incremental, KV-cached, left-padded
-decoding) with a fresh full forward (`score`, a manual forward): max |diff| ~1.5e-5 in fp32; we
-assert 1e-3 (far below the ~0.1-1 differences between distinct tokens' log-probs).
+decoding) with a fresh full forward (`score`, a manual forward): max |diff| ~1.5e-5 in fp32. The
+bound is the rounding of two different fp32 forwards of a 30-layer model, 2 L eps32 S / T
+(tests/engine_helpers.py, fp32_logprob_tol: 1.3e-3 at T = 1, 1.8e-3 at T = 0.7), far below the
+~0.1-1 differences between distinct tokens' log-probs. With top_p < 1 the sampler reports
+the log-probs of the renormalised nucleus instead: tests/test_sampling_logprobs.py.
 """
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ import torch
 
 from rlengine.rollout import SamplingParams, build_sampler
 from rlengine.rollout.hf_sampler import HFSampler
+from tests.engine_helpers import fp32_logprob_tol
 
-LOGPROB_TOL = 1e-3
 QUESTIONS = ["What is the capital of France?", "12+7?", "Name a colour."]
 
 
@@ -71,19 +74,14 @@ def test_sampled_logprobs_match_score_and_manual_forward(sampler, prompt_ids):
         scored = torch.tensor(sampler.score(prompt, response, temperature), dtype=torch.float64)
         manual = manual_logprobs(sampler.model, prompt, response, temperature)
         got = torch.tensor(logprobs, dtype=torch.float64)
-        assert (got - scored).abs().max() < LOGPROB_TOL
-        assert (got - manual).abs().max() < LOGPROB_TOL
+        assert (got - scored).abs().max() < fp32_logprob_tol(temperature)
+        assert (got - manual).abs().max() < fp32_logprob_tol(temperature)
         assert (got <= 0).all()
-    # under a different temperature the numbers differ: the temperature really is applied
+    # under a different temperature the numbers differ: the temperature really is applied (by
+    # O(0.1-1); 5x the agreement bound cannot be rounding)
     p0, r0 = gen.prompt_ids[0], gen.response_ids[0]
-    assert (torch.tensor(sampler.score(p0, r0, 1.0)) - torch.tensor(gen.response_logprobs[0])).abs().max() > 1e-2
-
-
-def test_top_p_reports_full_distribution_logprobs(sampler, prompt_ids):
-    gen = sampler.generate(prompt_ids[:1], 2, SamplingParams(temperature=1.0, top_p=0.5, max_new_tokens=6, seed=0))
-    for prompt, response, logprobs in zip(gen.prompt_ids, gen.response_ids, gen.response_logprobs):
-        scored = torch.tensor(sampler.score(prompt, response, 1.0))
-        assert (torch.tensor(logprobs) - scored).abs().max() < LOGPROB_TOL
+    assert (torch.tensor(sampler.score(p0, r0, 1.0)) - torch.tensor(gen.response_logprobs[0])).abs().max() > \
+        5 * fp32_logprob_tol(temperature)
 
 
 def test_samples_are_grouped_by_prompt_and_seeded(sampler, prompt_ids):
@@ -136,12 +134,18 @@ def test_load_weights_changes_output_and_restores_exactly(sampler, prompt_ids):
     gen = torch.Generator().manual_seed(0)
     perturbed = originals["lm_head.weight"] + 0.05 * torch.randn(originals["lm_head.weight"].shape, generator=gen)
     # lm_head.weight is tied to the embedding: loading it by that name changes the embedding too
-    assert sampler.load_weights([("lm_head.weight", perturbed)]) == ["lm_head.weight"]
+    report = sampler.load_weights([("lm_head.weight", perturbed)])
+    assert report.names == ["lm_head.weight"]
+    # the digest is read back from the model: the tied embedding now holds the pushed tensor
+    from rlengine.weight_sync import weights_digest
+
+    assert report.digest == weights_digest([("lm_head.weight", perturbed)])
+    assert "model.norm.weight" in report.unmatched and "model.embed_tokens.weight" not in report.unmatched
     assert torch.equal(sampler.model.model.embed_tokens.weight, perturbed)
     changed = sampler.generate(prompt_ids, 1, params)
     assert changed.response_ids != before.response_ids
     loaded = sampler.load_weights(iter(originals.items()))
-    assert sorted(loaded) == sorted(originals)
+    assert sorted(loaded.names) == sorted(originals)
     after = sampler.generate(prompt_ids, 1, params)
     assert after.response_ids == before.response_ids and after.response_logprobs == before.response_logprobs
 

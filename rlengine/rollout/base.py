@@ -1,8 +1,13 @@
 """The sampler interface every rollout backend implements (HF `generate`, vLLM).
 
 A sampler turns tokenised prompts into sampled responses *with the sampler's own per-token
-log-probs* (after temperature, so they are comparable with the trainer's temperature-scaled
-log-probs), and accepts new policy weights after every optimizer step.
+log-probs*, and accepts new policy weights after every optimizer step. Those log-probs are the
+behaviour policy: each token's log-prob under the distribution it was drawn from, after temperature
+and top-p (masked to the nucleus and renormalised). With top_p == 1 that is the trainer's
+`log_softmax(logits / T)`; with top_p < 1 it is higher by -log(nucleus mass), which is what
+importance sampling against the behaviour policy needs. `score` stays on the full
+`log_softmax(logits / T)` (the probe compares it with the trainer, which has no top-p). Both
+backends agree on this (tests/test_sampling_logprobs.py).
 """
 from __future__ import annotations
 
@@ -32,12 +37,21 @@ class Generation:
     prompt_index: list[int]             # [N] index into the prompts list
     prompt_ids: list[list[int]]         # [N][P_i] prompt token ids
     response_ids: list[list[int]]       # [N][T_i] sampled tokens (EOS included when emitted)
-    response_logprobs: list[list[float]]  # [N][T_i] sampler log-prob of each sampled token
+    response_logprobs: list[list[float]]  # [N][T_i] behaviour log-prob of each sampled token (after T, top-p)
     texts: list[str]                    # [N] decoded responses (special tokens skipped)
     finish_reasons: list[str]           # [N] "stop" (EOS or a stop string) or "length"
 
     def __len__(self) -> int:
         return len(self.response_ids)
+
+
+@dataclass
+class LoadReport:
+    """What a sampler says of one `load_weights` call, computed on the sampler's side."""
+
+    names: list[str]       # HF names of the tensors it took in
+    digest: int            # weight_sync.WeightsDigest of those tensors as it received / holds them
+    unmatched: list[str] = field(default_factory=list)   # its own parameters no pushed tensor reached
 
 
 class Sampler(ABC):
@@ -53,12 +67,14 @@ class Sampler(ABC):
         """Sample `n` responses for each tokenised prompt."""
 
     @abstractmethod
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Load new policy weights (HF checkpoint names). Returns the names actually loaded."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
+        """Load new policy weights (HF checkpoint names). Reports what was loaded, with the digest
+        of it computed here (not what the trainer meant to send): `placement.verify_push` compares."""
 
     @abstractmethod
     def score(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
-        """Log-probs the sampler assigns to `response_ids` after `prompt_ids` (the sync probe)."""
+        """log_softmax(logits / T) the sampler assigns to `response_ids` after `prompt_ids` (the sync
+        probe): the full distribution, no top-p."""
 
     def sleep(self) -> None:
         """Free generation memory (KV cache) while the trainer runs; no-op where unsupported."""

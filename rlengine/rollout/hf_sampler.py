@@ -2,25 +2,36 @@
 
 Per call: prompts are repeated `n` times (prompt 0's samples first), cut into batches of
 `batch_size` sequences, left-padded (the mask is built from lengths, since SmolLM2's pad is its EOS)
-and sampled with a fresh `GenerationConfig` (temperature, top_p, top_k off, max_new_tokens) so the
-checkpoint's own generation defaults never leak in.
+and sampled with a fresh `GenerationConfig` (max_new_tokens, sampling on or off, its own warpers
+neutral: temperature 1, top_p 1, top_k 0) so the checkpoint's own generation defaults for them never
+leak in; temperature and top-p are applied by `_BehaviourWarper` (below).
 
-Log-probs and finishing are recorded *while* generating by `_StepRecorder`, which is both a forward
-hook on the model's `lm_head` (it keeps `log_softmax(raw_logits / T)` of the step being decoded,
-[B, V], instead of `output_logits=True`'s [steps, B, V] history) and a `StoppingCriteria` (called
-right after each token is appended: it stores the sampled token's log-prob and decides whether the
-row ends: EOS, or a stop string in the response text). Knowing each row's exact finishing step
-matters because `generate` pads finished rows with the pad token, which here equals EOS, so padding
-cannot be told apart from an emitted EOS afterwards.
+Log-probs and finishing are recorded *while* generating, per step ([B, V] of the step being
+decoded, instead of `output_scores=True`'s [steps, B, V] history), by two objects:
+  * `_BehaviourWarper`, the last logits processor `generate` runs: it applies temperature and
+    top-p itself (`nucleus_logprobs`, with transformers' own warpers) and keeps the log-softmax of
+    what it returns, i.e. of exactly the distribution `generate` then draws the token from;
+  * `_StepRecorder`, a `StoppingCriteria` (called right after each token is appended: it stores the
+    sampled token's log-prob and decides whether the row ends: EOS, or a stop string in the response
+    text). Knowing each row's exact finishing step matters because `generate` pads finished rows
+    with the pad token, which here equals EOS, so padding cannot be told apart from an emitted EOS
+    afterwards.
 
 Semantics (shared with the vLLM backend):
   * response_ids keep the EOS token when it was emitted, and the token that completes a stop string
     (text is cut right after the stop string, which is kept);
-  * response_logprobs are under the temperature-scaled *full* distribution `log_softmax(logits / T)`,
-    the distribution the trainer scores. With top_p < 1 the token was actually drawn from the
-    renormalised nucleus, whose log-probs are higher by -log(nucleus mass); we report the full-
-    distribution value (what vLLM's processed log-probs give too). Greedy decoding reports them under
-    `sampling.temperature`.
+  * response_logprobs are the behaviour policy: the log-prob of each sampled token under the
+    distribution it was drawn from, i.e. after temperature, top-p masking and renormalisation:
+    `log_softmax(logits / T)` restricted to the nucleus (the smallest set of most probable tokens
+    whose mass reaches top_p) minus log(nucleus mass). That is what importance sampling (TIS, an
+    off-policy correction) needs as the denominator, and what vLLM reports with
+    `logprobs_mode="processed_logprobs"` (measured: both backends within 7e-5 of a recomputation
+    in fp32, tests/test_sampling_logprobs.py). With top_p == 1 it is the trainer's
+    `log_softmax(logits / T)`; with top_p < 1 it is higher than that by -log(nucleus mass) (0.17 on
+    average at T = 1, top_p = 0.8 on the embedded model). Greedy decoding reports the full
+    `log_softmax(logits / T)` under `sampling.temperature` (vLLM reports greedy log-probs at T = 1);
+  * `score()` (the weight-push probe) reports the plain `log_softmax(logits / T)`, never top-p:
+    it is compared with the trainer's recomputation, which has no top-p;
   * `SamplingParams.seed` seeds a forked RNG for the whole call (the global RNG is left untouched);
     the same seed, prompts and batch_size give the same samples.
 """
@@ -31,16 +42,56 @@ from typing import Iterable
 import torch
 
 from rlengine.model import eos_token_ids, load_causal_lm, load_tokenizer, pad_left
-from rlengine.rollout.base import Generation, Sampler, SamplingParams
+from rlengine.rollout.base import Generation, LoadReport, Sampler, SamplingParams
+
+
+def nucleus_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The log-probs HFSampler samples from (and reports): `logits / T`, then top-p masking (the
+    smallest set of most probable tokens whose mass reaches top_p; the rest -inf), renormalised by
+    the log-softmax. [..., V] in, [..., V] out (float32). The masking is transformers'
+    `TopPLogitsWarper`, the one `generate` itself uses; vLLM's CPU and native samplers apply the same
+    rule (`apply_top_k_top_p_pytorch`)."""
+    return torch.log_softmax(_warp(logits.float(), temperature, top_p), dim=-1)
+
+
+def _warp(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_p < 1.0:
+        shape = scores.shape
+        scores = TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)(None, scores.reshape(-1, shape[-1])).reshape(shape)
+    return scores
+
+
+class _BehaviourWarper:
+    """The last logits processor of `generate` (LogitsProcessor protocol): applies temperature and
+    top-p and hands `recorder` the log-softmax of its output, the distribution the token is drawn
+    from. `generate` runs its own warpers *after* user processors, so the generation config keeps
+    them neutral (temperature 1, top_p 1, top_k 0, ...): softmax of what this returns is exactly
+    what `torch.multinomial` samples. Greedy: the scores pass unchanged (argmax) and the recorded
+    log-probs are `log_softmax(logits / T)`."""
+
+    def __init__(self, recorder: "_StepRecorder", temperature: float, top_p: float, greedy: bool):
+        self.recorder, self.temperature, self.top_p, self.greedy = recorder, temperature, top_p, greedy
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.greedy:
+            self.recorder.step_logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+            return scores
+        scores = _warp(scores, self.temperature, self.top_p)
+        self.recorder.step_logprobs = torch.log_softmax(scores.float(), dim=-1)
+        return scores
 
 
 class _StepRecorder:
-    """Records each row's sampled tokens' log-probs and the step at which the row finished."""
+    """Records each row's sampled tokens' log-probs and the step at which the row finished.
 
-    def __init__(self, prompt_width: int, batch: int, temperature: float, eos_ids: list[int],
-                 stop: list[str], tokenizer):
+    `step_logprobs` ([B, V], the step being decoded) is set by `_BehaviourWarper` before the token
+    is drawn; this StoppingCriteria reads the drawn token's entry right after it was appended."""
+
+    def __init__(self, prompt_width: int, batch: int, eos_ids: list[int], stop: list[str], tokenizer):
         self.prompt_width = prompt_width
-        self.temperature = temperature
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long)
         self.stop = [s for s in stop if s]
         # a stop string of b bytes spans at most b tokens (+1 for a token that starts mid-character)
@@ -50,11 +101,6 @@ class _StepRecorder:
         self.logprobs: list[list[float]] = [[] for _ in range(batch)]
         self.finish: list[str | None] = [None] * batch  # "stop" once the row ended
         self.length: list[int | None] = [None] * batch  # response length when it ended
-
-    # forward hook on lm_head: output [B, S or 1, V]
-    def on_logits(self, module, inputs, output) -> None:
-        logits = output[:, -1].float()  # [B, V]
-        self.step_logprobs = torch.log_softmax(logits / self.temperature, dim=-1)
 
     # StoppingCriteria protocol: called after the step's tokens were appended
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
@@ -128,25 +174,24 @@ class HFSampler(Sampler):
                       eos_token_id=self.eos_ids, num_beams=1, use_cache=True)
         if sampling.greedy:
             return GenerationConfig(do_sample=False, **common)
-        return GenerationConfig(do_sample=True, temperature=float(sampling.temperature), top_p=float(sampling.top_p),
-                                top_k=0, **common)
+        # temperature and top-p are applied by `_BehaviourWarper`, the last processor: generate's own
+        # warpers (which would run after it) are all set to their neutral values
+        return GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, typical_p=1.0,
+                                epsilon_cutoff=0.0, eta_cutoff=0.0, **common)
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams, out: Generation) -> None:
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         input_ids, attention_mask = pad_left(prompts, self.pad_id)  # [B, P]
         width = input_ids.shape[1]
         temperature = float(sampling.temperature) if sampling.temperature > 0 else 1.0
-        recorder = _StepRecorder(width, len(prompts), temperature, self.eos_ids, list(sampling.stop), self.tokenizer)
-        hook = self.model.get_output_embeddings().register_forward_hook(recorder.on_logits)
-        try:
-            sequences = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                generation_config=self._generation_config(sampling),
-                stopping_criteria=StoppingCriteriaList([recorder]))
-        finally:
-            hook.remove()
+        recorder = _StepRecorder(width, len(prompts), self.eos_ids, list(sampling.stop), self.tokenizer)
+        warper = _BehaviourWarper(recorder, temperature, float(sampling.top_p), bool(sampling.greedy))
+        sequences = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+            generation_config=self._generation_config(sampling),
+            logits_processor=LogitsProcessorList([warper]), stopping_criteria=StoppingCriteriaList([recorder]))
         sequences = sequences.cpu()
         generated = sequences.shape[1] - width
         for row, prompt in enumerate(prompts):
@@ -164,10 +209,13 @@ class HFSampler(Sampler):
 
     # ------------------------------------------------------------------ weights and scoring
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
         """Copy tensors into the model in place by HF checkpoint name. `lm_head.weight` of a tied model
         is the embedding itself (either name works). A bad name or shape raises ValueError naming the
-        tensor; tensors before it in the iterable are already loaded."""
+        tensor; tensors before it in the iterable are already loaded. The report's digest is read
+        back from the model's own parameters after the copy: what it now computes with."""
+        from rlengine.weight_sync import weights_digest
+
         targets = self.model.state_dict(keep_vars=True)  # HF names, tied names included
         loaded = []
         for name, tensor in named_tensors:
@@ -179,11 +227,17 @@ class HFSampler(Sampler):
                                  f"the model expects {tuple(target.shape)}")
             target.data.copy_(tensor.detach())
             loaded.append(name)
-        return loaded
+        held = weights_digest((name, targets[name].data) for name in loaded)
+        reached = {targets[name].data_ptr() for name in loaded}     # tied names share storage
+        unmatched = [n for n, p in self.model.named_parameters() if p.data_ptr() not in reached]
+        return LoadReport(loaded, held, unmatched)
 
     @torch.no_grad()
     def score(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
-        """log_softmax(logits / T) of each response token after the prompt (one forward pass)."""
+        """log_softmax(logits / T) of each response token after the prompt (one forward pass).
+
+        The full distribution, never top-p (unlike `generate`'s behaviour log-probs): the weight-push
+        probe compares these with the trainer's recomputation, which has no top-p."""
         if not prompt_ids:
             raise ValueError("score: prompt_ids is empty")
         if not response_ids:

