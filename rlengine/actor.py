@@ -82,6 +82,18 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@torch.no_grad()
+def batched_logprobs(model, seqs: SeqBatch, temperature: float, micro: int) -> torch.Tensor:
+    """Log-probs [B, T] of every response token under `model`, `micro` sequences at a time, no grad."""
+    from dataclasses import fields
+
+    out = torch.zeros(seqs.resp_mask.shape)
+    for idx in torch.arange(seqs.input_ids.shape[0]).split(micro):
+        part = SeqBatch(*(getattr(seqs, f.name)[idx] for f in fields(SeqBatch)))
+        out[idx] = response_logprobs(model, part, temperature, with_entropy=False)[0]
+    return out
+
+
 # --------------------------------------------------------------------------- DeepSpeed config
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -97,8 +109,8 @@ def deepspeed_config(cfg: Config, dp_world_size: int, grad_accum: int, with_opti
 
     With the model's `hidden_size` the ZeRO-3 communication buffers are sized to the model (H^2
     elements per gradient-reduce bucket, 0.9 H^2 per parameter prefetch, as the HF Trainer's "auto"
-    does) instead of DeepSpeed's fixed 5e8 / 5e7 elements: on the 2-rank SmolLM2 default job the peak
-    RSS per rank fell 6.23 -> 5.76 GB with identical losses and the same step times."""
+    does) instead of DeepSpeed's fixed 5e8 / 5e7 elements: less peak memory, the same losses
+    (figures in docs/benchmarks.md)."""
     t = cfg.train
     zero: dict = {"stage": 3, "stage3_param_persistence_threshold": 0}
     if hidden_size:
@@ -220,6 +232,8 @@ class Actor:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self._hf_ds = None  # loading is done: later from_pretrained calls (the sampler) must not partition
         self.engine.train()
+        self.grad_accum, self.dp_group = grad_accum, dp_group
+        self.dp_world = world
 
     @property
     def module(self):
@@ -228,8 +242,45 @@ class Actor:
     def logprobs(self, batch: SeqBatch, temperature: float, with_entropy: bool = True):
         return response_logprobs(self.engine, batch, temperature, with_entropy)
 
+    def batch_logprobs(self, seqs: SeqBatch, temperature: float, micro: int) -> torch.Tensor:
+        """pi_old: the log-probs [B, T] before this step's updates, micro-batch by micro-batch."""
+        return batched_logprobs(self.engine, seqs, temperature, micro)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+
+    def update(self, batch, idx: torch.Tensor, loss_fn, cfg: Config, metrics, recorder=None) -> float:
+        """One optimizer step on the sequences `idx` of `batch` (this rank's share of a mini-batch;
+        a `RolloutBatch`): the
+        micro-batch loop with gradient accumulation, each micro-batch's loss weighted by its share
+        of the global mini-batch's units (rlengine/objective.py). Adds the loss's metrics, entropy
+        and KL to `metrics` (token-weighted), and every token to `recorder` when given. Returns the
+        global gradient norm (inf / nan when DeepSpeed discarded a non-finite step).
+        Collective over the trainer ranks."""
+        from rlengine.distributed import all_reduce
+        from rlengine.losses import kl_k3
+        from rlengine.objective import backward_scale, regularised_loss, unit_count
+
+        agg, max_len = cfg.loss.agg, cfg.loss.max_len or cfg.rollout.max_new_tokens
+        global_units = all_reduce([unit_count(batch.loss_mask[idx], agg)], group=self.dp_group)[0]
+        grad_norm, loss_total = float("nan"), 0.0
+        for micro in idx.split(cfg.train.micro_batch_size):
+            mb = batch.select(micro)
+            mask = mb.loss_mask                                                         # [b, T]
+            logp, entropy = self.logprobs(mb.seqs, cfg.rollout.temperature, with_entropy=True)   # [b, T]
+            old = logp.detach() if mb.old_logp is None else mb.old_logp    # None: on-policy single update
+            out = loss_fn(logp, old, mb.advantages, mask, agg=agg, max_len=max_len, entropy=entropy.detach())
+            loss = regularised_loss(out.loss, logp, entropy, mb.ref_logp, mask, cfg.train, agg, max_len)
+            units = unit_count(mask, agg)
+            self.backward(loss * backward_scale(units, global_units, self.grad_accum, self.dp_world))
+            stepped, norm = self.step()
+            grad_norm = norm if stepped else grad_norm
+            loss_total += float(loss.detach()) * units / max(global_units, 1.0)
+            _add_token_metrics(metrics, out, logp.detach(), entropy.detach(), mb.ref_logp, mask, kl_k3)
+            if recorder is not None:
+                recorder.add(micro, mb, logp.detach(), old, out, entropy.detach())
+        metrics.total("loss_sum", loss_total)          # this rank's share of the mini-batch loss
+        return grad_norm
 
     def step(self) -> tuple[bool, float | None]:
         """engine.step() after every micro-batch; at an accumulation boundary returns
@@ -266,6 +317,22 @@ class Actor:
                 state[name] = t.detach().to("cpu", copy=True)
         if is_writer:
             save_hf_dir(self.engine.module, state, tokenizer, out_dir)
+
+
+def _add_token_metrics(metrics, out, logp, entropy, ref_logp, mask, kl_k3) -> None:
+    """The loss's metrics, the entropy and the KL to the reference, weighted by response tokens."""
+    tokens = float(mask.sum())
+    for key, value in out.metrics.items():
+        if key == "ratio_min":
+            metrics.min(key, value)
+        elif key == "ratio_max":
+            metrics.max(key, value)
+        else:
+            metrics.mean(key, value, tokens)
+    denominator = mask.sum().clamp_min(1)
+    metrics.mean("entropy", float((entropy * mask).sum() / denominator), tokens)
+    if ref_logp is not None:
+        metrics.mean("kl_ref", float((kl_k3(logp, ref_logp) * mask).sum() / denominator), tokens)
 
 
 def save_hf_dir(model, state: dict[str, torch.Tensor], tokenizer, out_dir: str) -> None:
@@ -305,7 +372,5 @@ class ReferenceModel:
         self._hf_ds = None
         self.engine.eval()
 
-    @torch.no_grad()
-    def logprobs(self, batch: SeqBatch, temperature: float) -> torch.Tensor:
-        logp, _ = response_logprobs(self.engine, batch, temperature, with_entropy=False)
-        return logp
+    def batch_logprobs(self, seqs: SeqBatch, temperature: float, micro: int) -> torch.Tensor:
+        return batched_logprobs(self.engine, seqs, temperature, micro)

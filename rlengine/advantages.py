@@ -3,9 +3,12 @@
 Rewards come grouped by prompt: the `group_size` responses of prompt 0 first, then prompt 1, ...
   GRPO:       A_i = (R_i - mean(R_group)) / (std(R_group) + eps)   torch's unbiased std
   Dr. GRPO:   A_i = R_i - mean(R_group)                            (norm_std=False)
-  batch_norm: the group-centred advantages divided by their batch std (+ eps) instead of, or on
-              top of, the group std; their batch mean is already 0, so zero stays zero.
+  batch norm: the group-centred advantages divided by their root mean square over the whole
+              batch of every trainer rank (+ eps), on top of the group std or instead of it; their
+              batch mean is 0 by construction, so zero stays zero.
 A group whose rewards are all equal gets A = 0 exactly (it carries no learning signal).
+
+`shape_advantages` turns a scored `RolloutBatch` into what the loss sees, in one written order.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def _grouped(rewards: torch.Tensor | Sequence[float], group_size: int) -> torch.
 
 
 def group_advantages(rewards: torch.Tensor | Sequence[float], group_size: int, norm_std: bool = True,
-                     batch_norm: bool = False, eps: float = EPS) -> torch.Tensor:
+                     eps: float = EPS) -> torch.Tensor:
     """Per-response advantages, shape [N] (float32), same order as `rewards`."""
     grouped = _grouped(rewards, group_size)                          # [P, G]
     centred = grouped - grouped.mean(dim=1, keepdim=True)           # [P, G]
@@ -35,10 +38,54 @@ def group_advantages(rewards: torch.Tensor | Sequence[float], group_size: int, n
     if norm_std and group_size > 1:
         std = grouped.std(dim=1, unbiased=True, keepdim=True)       # [P, 1]
         centred = centred / (std + eps)
-    advantages = centred.flatten()                                  # [N]
-    if batch_norm and advantages.numel() > 1:
-        advantages = advantages / (advantages.std(unbiased=True) + eps)
-    return advantages
+    return centred.flatten()                                        # [N]
+
+
+def batch_normalise(advantages: torch.Tensor, group=None, eps: float = EPS) -> torch.Tensor:
+    """Group-centred advantages divided by their root mean square over every trainer rank's batch
+    (`group`; collective when it has more than one rank). Their global mean is 0 by construction,
+    so the RMS is the batch std (population form) and a zero advantage stays exactly zero."""
+    from rlengine.distributed import all_reduce
+
+    square_sum, count = all_reduce([float((advantages.double() ** 2).sum()), float(advantages.numel())], group=group)
+    return advantages / ((square_sum / max(count, 1.0)) ** 0.5 + eps)
+
+
+def shape_advantages(batch, train_cfg, group=None) -> dict[str, float]:
+    """Fill `batch.advantages` and `batch.loss_mask` from `batch.reward`, in this order:
+
+    1. KL in the reward (`train.kl_in_reward`): R_i - kl_coef * sum_t KL_t(pi_old || pi_ref), with
+       pi_old the trainer's recomputation (the training loop always computes it in this mode; the
+       sampler's log-probs, after top-p, stand in only when a caller has none).
+    2. group normalisation: group mean, and the group std unless `adv_norm_std` is off (Dr. GRPO).
+    3. batch normalisation over all trainer ranks (`adv_batch_norm`; collective over `group`).
+    4. DAPO filter (`dynamic_filter`): the tokens of groups whose *reward function values* are all
+       equal leave `loss_mask`. It looks at the task reward, not at the KL-shaped one of step 1,
+       which is almost never equal within a group and would keep every group.
+    5. truncated IS (`tis_cap`): A_t * min(pi_old_t / pi_sampler_t, cap), advantages become [B, T].
+    Returns what it measured for the log (`kl_in_reward` mean, `dapo_kept_groups` fraction)."""
+    from rlengine.losses import kl_penalty
+
+    t, mask = train_cfg, batch.resp_mask.clone()                      # [B, T]
+    reward, stats = batch.reward, {}
+    if t.kl_in_reward and t.kl_coef > 0 and batch.ref_logp is not None:
+        behaviour = batch.sampler_logp if batch.old_logp is None else batch.old_logp
+        seq_kl = (kl_penalty(behaviour, batch.ref_logp, estimator=t.kl_estimator) * mask).sum(1)   # [B]
+        reward = reward - t.kl_coef * seq_kl
+        stats["kl_in_reward"] = float(seq_kl.mean())
+    advantages = group_advantages(reward, batch.group_size, norm_std=t.adv_norm_std)    # [B]
+    if t.adv_batch_norm:
+        advantages = batch_normalise(advantages, group)
+    if t.dynamic_filter:
+        grouped = _grouped(batch.reward, batch.group_size)                             # [P, G]
+        keep = grouped.max(1).values != grouped.min(1).values                          # [P]
+        mask = mask * keep.repeat_interleave(batch.group_size).unsqueeze(1).float()
+        stats["dapo_kept_groups"] = float(keep.float().mean())
+    if t.tis_cap is not None:
+        weight = (batch.old_logp - batch.sampler_logp).exp().clamp(max=t.tis_cap) * mask   # [B, T]
+        advantages = advantages.unsqueeze(1) * weight
+    batch.advantages, batch.loss_mask = advantages, mask
+    return stats
 
 
 def group_stats(rewards: torch.Tensor | Sequence[float], group_size: int) -> dict[str, float]:

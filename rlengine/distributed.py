@@ -90,6 +90,8 @@ def init_distributed(cfg: Config) -> DistContext:
         ctx.sync_group = dist.new_group([0] + rollout_ranks,
                                         timeout=timedelta(seconds=cfg.rollout.sync_timeout_s))
         if rank in trainer_ranks:
+            from rlengine.patches import confine_deepspeed_to
+
             confine_deepspeed_to(ctx.trainer_group)
     n_trainers = len(trainer_ranks)
     if cfg.rollout.prompts_per_step % n_trainers:
@@ -123,66 +125,6 @@ def release_deepspeed_shm(rank: int, world: int) -> None:
         deepspeed_shm_path(rank).unlink()
     except FileNotFoundError:  # single process, ranks on other hosts, or a DeepSpeed without shm
         pass
-
-
-def confine_deepspeed_to(group) -> None:
-    """Make DeepSpeed treat `group` (the trainer ranks) as its world.
-
-    DeepSpeed issues some collectives on the default group (`group=None`): a barrier in ZeRO-3's
-    optimizer set-up, barriers around checkpoint saves, world-size queries. With rollout ranks in
-    the launched world those would wait forever for ranks that never make them. Every DeepSpeed
-    collective goes through its communication backend object (`deepspeed.comm.comm.cdb`), so
-    there `group=None` is rewritten to the trainer group, and nowhere else."""
-    import functools
-    import inspect
-
-    import deepspeed.comm.comm as ds_comm
-
-    cdb = ds_comm.cdb
-    if cdb is None or getattr(cdb, "_rlengine_confined", False):
-        return
-    for name in dir(cdb):
-        if name.startswith("_"):
-            continue
-        fn = getattr(cdb, name)
-        if not callable(fn):
-            continue
-        params = _parameters(fn)
-        if "group" not in params:
-            continue
-
-        def confined(*args, __fn=fn, __pos=params.index("group"), **kwargs):
-            if len(args) > __pos:
-                if args[__pos] is None:  # group passed positionally as None
-                    args = args[:__pos] + (group,) + args[__pos + 1:]
-            elif kwargs.get("group") is None:
-                kwargs["group"] = group
-            return __fn(*args, **kwargs)
-
-        setattr(cdb, name, functools.wraps(fn)(confined))
-    # groups DeepSpeed creates for itself: only their members take part in creating them
-    cdb.new_group = lambda ranks: dist.new_group(ranks, use_local_synchronization=True)
-    cdb._rlengine_confined = True
-
-
-def _parameters(method) -> list[str]:
-    """Parameter names of a bound method, looking through decorators that hide them behind
-    (*args, **kwargs) without functools.wraps (DeepSpeed's `stage_on_cpu`)."""
-    import inspect
-
-    try:
-        names = list(inspect.signature(method).parameters)
-    except (TypeError, ValueError):
-        return []
-    if "group" in names or not any(n in ("args", "kwargs") for n in names):
-        return names
-    for cell in getattr(getattr(method, "__func__", method), "__closure__", None) or ():
-        inner = cell.cell_contents
-        if inspect.isfunction(inner):
-            inner_names = list(inspect.signature(inner).parameters)
-            if "group" in inner_names:
-                return inner_names[1:]  # drop `self`: the wrapper is called bound
-    return names
 
 
 def barrier(group=None) -> None:

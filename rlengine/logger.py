@@ -85,6 +85,45 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+class TokenRecorder:
+    """Collects one step's per-token records as the updates run (what the ratio / probability
+    plots read); `write` samples and stores them."""
+
+    COLUMNS = ("update", "seq", "pos", "prob", "old_prob", "ratio", "advantage", "weight", "rel_weight", "region",
+               "entropy")
+
+    def __init__(self):
+        self.rows: dict[str, list[torch.Tensor]] = {k: [] for k in self.COLUMNS}
+        self.update = 0
+
+    def next_update(self) -> None:
+        self.update += 1
+
+    def add(self, seq_index: torch.Tensor, mb, logp, old_logp, out, entropy) -> None:
+        """One micro-batch: `seq_index` [b] its sequences in the step's batch, `mb` its RolloutBatch,
+        the rest [b, T] as the loss saw them (`out`: the loss's PolicyLossOutput)."""
+        sel = mb.loss_mask.bool()                                                        # [b, T]
+        advantages = mb.advantages if mb.advantages.dim() == 2 else mb.advantages.unsqueeze(1).expand_as(sel)
+        columns = {
+            "update": torch.full((int(sel.sum()),), self.update),
+            "seq": seq_index.unsqueeze(1).expand_as(sel)[sel],
+            "pos": torch.arange(sel.shape[1]).expand_as(sel)[sel],
+            "prob": logp[sel].exp(), "old_prob": old_logp[sel].exp(), "ratio": out.ratio[sel],
+            "advantage": advantages[sel], "weight": out.weight[sel], "rel_weight": out.rel_weight[sel],
+            "region": out.region[sel], "entropy": entropy[sel],
+        }
+        for key, value in columns.items():
+            self.rows[key].append(value)
+
+    def write(self, path: str | Path, step: int, loss_name: str, eps_low: float, eps_high: float,
+              max_rows: int) -> int:
+        if not self.rows["seq"]:
+            return 0
+        rows = {k: torch.cat(v) for k, v in self.rows.items()}
+        rows["step"] = torch.full_like(rows["seq"], step)
+        return write_token_dump(path, rows, loss_name, eps_low, eps_high, max_rows, seed=step)
+
+
 def write_token_dump(path: str | Path, rows: dict[str, torch.Tensor | list], loss_name: str,
                      eps_low: float, eps_high: float, max_rows: int, seed: int) -> int:
     """Write a random sample of per-token records to Parquet (columns: notes in the README).

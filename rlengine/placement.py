@@ -1,25 +1,70 @@
-"""Where the sampler lives, and how prompts, responses and weights travel to it.
+"""Where the sampler lives, and the one way every weight push is verified.
 
-colocated  every trainer rank holds its own sampler in-process; a weight push is a local copy
-           of the gathered ZeRO-3 parameters.
-separate   the last `rollout.num_ranks` ranks are rollout ranks running `rollout_rank_main`;
-           trainer ranks talk to them through `RemoteSampler` (object collectives on the world
-           group for prompts/responses) and `WeightBroadcaster` (bucketed broadcast on the
-           dedicated sync group for weights).
+A `Placement` has three operations, the same for both kinds:
+    generate(prompts, n, sampling) -> Generation   this trainer rank's responses
+    push(actor, probe) -> metrics                  the actor's weights into the sampler(s), verified
+    close()                                        release the sampler(s)
 
-Every command is a collective over the world group: trainer rank 0 broadcasts it, every rank
-takes part, so no rank can wait on a message nobody sends.
+colocated  (`Colocated`) every trainer rank holds its own sampler in-process; a push is a local
+           copy of the gathered ZeRO-3 parameters (`weight_sync.local_push`).
+separate   (`Separate`) the last `rollout.num_ranks` ranks are rollout ranks running `serve`;
+           prompts and responses travel as object collectives on the world group, weights by the
+           bucketed broadcast on the dedicated sync group (`weight_sync.WeightBroadcaster`).
+           Every command is a collective over the world group: trainer rank 0 broadcasts it,
+           every rank takes part, so no rank can wait on a message nobody sends.
+
+Both kinds only *transfer* (`_transfer` -> `Transfer`); `verify_push` then judges every push the
+same way, from what the sampler side reports it loaded (`rollout.base.LoadReport`, computed there):
+  1. the sampler took every tensor of the actor (names) and its loader matched every parameter;
+  2. the digest of what it loaded equals the digest of what the trainer sent (`sync/checksum_ok`);
+  3. its log-probs of a fixed probe sequence equal the actor's (`sync/probe_abs_diff`).
+The verdict is agreed over the trainer ranks. A failed push is retried once (`sync/retries`); a
+second failure stops the run (`PushFailure`, exit code 3) naming what failed, except a probe gap
+under `rollout.on_probe_failure=warn`, which warns and trains on.
 """
 from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from rlengine.config import Config
-from rlengine.rollout.base import Generation, Sampler, SamplingParams
+from rlengine.rollout.base import Generation, LoadReport, Sampler, SamplingParams
+
+
+class PushFailure(RuntimeError):
+    """A push the sampler did not verifiably take, twice in a row (every trainer rank raises it)."""
+
+
+class Placement(Protocol):
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Generation: ...
+
+    def push(self, actor, probe=None) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class SamplerReply:
+    """One sampler's side of a push: what it loaded, its log-probs of the probe, or why it failed."""
+
+    report: LoadReport | None
+    probe_logprobs: list[float] | None = None
+    error: str | None = None
+
+
+@dataclass
+class Transfer:
+    """One push as the trainer saw it: what it sent (names, digest) and every sampler's reply."""
+
+    names: list[str]
+    digest: int
+    replies: list[SamplerReply]
+    metrics: dict = field(default_factory=dict)
 
 
 def build_local_sampler(cfg: Config, model_path: str, tokenizer) -> Sampler:
@@ -40,91 +85,149 @@ def build_local_sampler(cfg: Config, model_path: str, tokenizer) -> Sampler:
     return build_sampler(cfg.rollout.backend, model_path, dtype=dtype, tokenizer=tokenizer, device=local_device())
 
 
-def make_sampler(cfg: Config, ctx, model_path: str, tokenizer) -> Sampler:
+def make_placement(cfg: Config, ctx, model_path: str, tokenizer) -> Placement:
     if cfg.rollout.placement == "separate":
-        return RemoteSampler(ctx)
-    return build_local_sampler(cfg, model_path, tokenizer)
+        return Separate(cfg, ctx)
+    return Colocated(cfg, ctx, build_local_sampler(cfg, model_path, tokenizer))
 
 
-# --------------------------------------------------------------------------- weight push
-
-def _probe_gap(actor, sampler_logprobs: list[float], probe, temperature: float) -> float:
-    """`probe_gap` of the sampler's log-probs of the probe against the actor's recomputation."""
-    from rlengine.actor import make_batch
-    from rlengine.weight_sync import probe_gap
-
-    prompt, response = probe
-    batch = make_batch([prompt], [response], pad_id=0)
-    with torch.no_grad():
-        logp, _ = actor.logprobs(batch, temperature, with_entropy=False)
-    return probe_gap(sampler_logprobs[:len(response)], logp[0, :len(response)])
-
+# --------------------------------------------------------------------------- verification
 
 def probe_threshold(cfg: Config) -> float:
-    """The probe gap above which a push is suspicious: `rollout.probe_threshold`, or by precision.
-
-    Measured on the embedded default: fp32 on both sides 1e-5 to 1e-4 (the default tests assert
-    < 1e-3); bf16 0.024-0.070 per step over the 32-step main job (rounding, not staleness), while a
-    sampler that kept a stale output layer showed 1.7."""
+    """The probe gap above which a push is suspicious: `rollout.probe_threshold`, or by precision
+    (the measured ranges behind the defaults are in docs/benchmarks.md)."""
     if cfg.rollout.probe_threshold is not None:
         return cfg.rollout.probe_threshold
     sampler_dtype = cfg.rollout.dtype or cfg.model.dtype
     return 0.005 if cfg.model.dtype == "fp32" and sampler_dtype == "fp32" else 0.1
 
 
-class ProbeFailure(RuntimeError):
-    """The sampler still disagrees with the trainer after a retried push (every trainer rank raises it)."""
+def _trainer_probe_logprobs(actor, probe, temperature: float) -> torch.Tensor:
+    from rlengine.actor import make_batch
+
+    prompt, response = probe
+    batch = make_batch([prompt], [response], pad_id=0)
+    with torch.no_grad():
+        logp, _ = actor.logprobs(batch, temperature, with_entropy=False)
+    return logp[0, :len(response)]
 
 
-def push_weights(actor, sampler, ctx, cfg: Config, probe=None) -> dict:
-    """Push the actor's current weights into the sampler(s), checksummed, then probe; a gap above
-    `probe_threshold` retries the push once, and a second one stops the run (ProbeFailure) or
-    warns (`rollout.on_probe_failure`). The gap is the largest over the trainer ranks, so every
-    rank takes the same decision.
+def _load_problem(transfer: Transfer, reply: SamplerReply) -> str | None:
+    """Why this sampler did not verifiably load what was sent, or None."""
+    if reply.error is not None:
+        return f"the sampler failed to load the push: {reply.error}"
+    report = reply.report
+    missing = [n for n in transfer.names if n not in set(report.names)]
+    if missing:
+        return f"the sampler did not load {missing[0]!r} ({len(missing)} of {len(transfer.names)} tensors missing)"
+    extra = [n for n in report.names if n not in set(transfer.names)]
+    if extra:
+        return f"the sampler loaded {extra[0]!r}, which was not sent"
+    if report.unmatched:
+        return (f"the sampler's loader matched no pushed tensor to its parameter {report.unmatched[0]!r} "
+                f"({len(report.unmatched)} unmatched)")
+    if report.digest != transfer.digest:
+        return "the digest of what the sampler loaded differs from the digest of what was sent (corrupted in transit?)"
+    return None
 
-    Collective over the trainer ranks (the ZeRO-3 gather) and, for `separate`, the world."""
+
+def verify_push(transfer: Transfer, actor, probe, cfg: Config) -> tuple[dict, str | None]:
+    """Judge one push on this trainer rank: (metrics, the first problem or None). Metrics:
+    `sync/checksum_ok` (1.0 only when every sampler's digest equals the trainer's), `sync/names_ok`,
+    `sync/probe_abs_diff` (the largest gap over the samplers; -1 without a probe)."""
+    from rlengine.weight_sync import probe_gap
+
+    problems = [_load_problem(transfer, reply) for reply in transfer.replies]
+    metrics = dict(transfer.metrics)
+    metrics["sync/checksum_ok"] = float(all(r.report is not None and r.report.digest == transfer.digest
+                                            for r in transfer.replies))
+    metrics["sync/names_ok"] = float(all(p is None or "digest" in p for p in problems))
+    gap = -1.0
+    if probe is not None:
+        t0 = time.perf_counter()
+        trainer_lp = _trainer_probe_logprobs(actor, probe, cfg.rollout.temperature)
+        metrics["sync/probe_trainer_seconds"] = time.perf_counter() - t0
+        for reply in transfer.replies:
+            if reply.probe_logprobs is not None:
+                gap = max(gap, probe_gap(reply.probe_logprobs[:len(probe[1])], trainer_lp))
+    metrics["sync/probe_abs_diff"] = gap
+    return metrics, next((p for p in problems if p is not None), None)
+
+
+def verified_push(placement, actor, probe, cfg: Config, ctx) -> dict:
+    """`placement._transfer`, then `verify_push`, agreed over the trainer ranks; one retry; a second
+    failure closes the placement and raises PushFailure (or warns, for a probe gap under
+    `rollout.on_probe_failure=warn`)."""
     from rlengine.distributed import all_reduce
 
     threshold = probe_threshold(cfg)
-    first_gap = None
+    first = None
     for attempt in (0, 1):
         if attempt:
             actor.release_params()                        # the probe's forward left gathers in flight
-        metrics = _push_once(actor, sampler, cfg, probe)
-        gap = all_reduce([metrics.get("sync/probe_abs_diff", -1.0)], op="max", group=ctx.trainer_group)[0]
-        if gap < 0:                                        # no probe on any rank
-            return {**metrics, "sync/retries": 0.0}
-        metrics["sync/probe_abs_diff"], metrics["sync/retries"] = gap, float(attempt)
-        if gap <= threshold:
+        metrics, problem = verify_push(placement._transfer(actor, probe), actor, probe, cfg)
+        failed, gap, checksum_ok = all_reduce([float(problem is not None), metrics["sync/probe_abs_diff"],
+                                               -metrics["sync/checksum_ok"]], op="max", group=ctx.trainer_group)
+        metrics.update({"sync/probe_abs_diff": gap, "sync/checksum_ok": -checksum_ok, "sync/retries": float(attempt)})
+        if failed:
+            problem = _first_problem(problem, ctx)
+        elif gap > threshold:
+            problem = f"sampler/trainer log-prob gap {gap:.4g} > rollout.probe_threshold {threshold}"
+        else:
             return metrics
-        first_gap = gap if first_gap is None else first_gap
-    message = (f"sampler/trainer log-prob gap {gap:.4g} > rollout.probe_threshold {threshold} after a retried "
-               f"push (first gap {first_gap:.4g}): the sampler does not hold the trainer's weights (or "
-               "rollout.dtype differs from model.dtype)")
-    if cfg.rollout.on_probe_failure == "stop":
-        raise ProbeFailure(message)
-    if ctx.is_main:
-        warnings.warn(message + "; rollout.on_probe_failure=warn: training on")
-    return metrics
+        first = first or problem
+    if not failed and cfg.rollout.on_probe_failure == "warn":
+        if ctx.is_main:
+            warnings.warn(f"{problem} after a retried push; rollout.on_probe_failure=warn: training on")
+        return metrics
+    placement.close()    # rollout ranks leave their command loop instead of waiting for the next command
+    hint = (" (the sampler does not hold the trainer's weights, or rollout.dtype differs from model.dtype)"
+            if not failed else "")
+    raise PushFailure(f"weight push not verified: {problem} after a retried push (first attempt: {first}){hint}")
 
 
-def _push_once(actor, sampler, cfg: Config, probe) -> dict:
-    if isinstance(sampler, RemoteSampler):
-        return sampler.push(actor, cfg, probe)
-    from rlengine.weight_sync import local_push
+def _first_problem(problem: str | None, ctx) -> str:
+    """The problem as the lowest trainer rank that saw one states it (every rank raises the same)."""
+    seen: list = [None] * ctx.num_trainers
+    dist.all_gather_object(seen, problem, group=ctx.trainer_group)
+    index = next(i for i, p in enumerate(seen) if p is not None)
+    return f"{seen[index]} (trainer rank {ctx.trainer_ranks[index]})"
 
-    metrics = local_push(sampler, actor.named_parameters_gathered())
-    if probe is not None:
+
+# --------------------------------------------------------------------------- colocated
+
+class Colocated:
+    """Every trainer rank pushes into, and generates with, its own in-process sampler."""
+
+    def __init__(self, cfg: Config, ctx, sampler: Sampler):
+        self.cfg, self.ctx, self.sampler = cfg, ctx, sampler
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Generation:
+        return self.sampler.generate(prompts, n, sampling)
+
+    def push(self, actor, probe=None) -> dict:
+        return verified_push(self, actor, probe, self.cfg, self.ctx)
+
+    def _transfer(self, actor, probe) -> Transfer:
+        from rlengine.weight_sync import WeightSyncError, digesting, local_push
+
+        stream, digest = digesting(actor.named_parameters_gathered())
+        names = [spec.name for spec in stream.manifest]
+        try:
+            report, metrics = local_push(self.sampler, stream)
+        except (WeightSyncError, ValueError) as e:
+            return Transfer(names, digest.value, [SamplerReply(None, error=str(e))])
         t0 = time.perf_counter()
-        lp = sampler.score(probe[0], probe[1], temperature=cfg.rollout.temperature)
-        t1 = time.perf_counter()
-        metrics["sync/probe_abs_diff"] = _probe_gap(actor, lp, probe, cfg.rollout.temperature)
-        metrics["sync/probe_sampler_seconds"] = t1 - t0
-        metrics["sync/probe_trainer_seconds"] = time.perf_counter() - t1
-    return metrics
+        logprobs = (self.sampler.score(probe[0], probe[1], temperature=self.cfg.rollout.temperature)
+                    if probe is not None else None)
+        metrics["sync/probe_sampler_seconds"] = time.perf_counter() - t0
+        return Transfer(names, digest.value, [SamplerReply(report, logprobs)], metrics)
+
+    def close(self) -> None:
+        self.sampler.close()
 
 
-# --------------------------------------------------------------------------- separate placement
+# --------------------------------------------------------------------------- separate
 
 def _split(n: int, parts: int, index: int) -> tuple[int, int]:
     base, extra = divmod(n, parts)
@@ -132,83 +235,87 @@ def _split(n: int, parts: int, index: int) -> tuple[int, int]:
     return start, start + base + (1 if index < extra else 0)
 
 
-class RemoteSampler(Sampler):
+def _broadcaster(cfg: Config, ctx):
+    from rlengine.weight_sync import WeightBroadcaster
+
+    return WeightBroadcaster(ctx.sync_group, src_rank=0, bucket_mb=cfg.rollout.bucket_mb,
+                             timeout_s=cfg.rollout.sync_timeout_s)
+
+
+class Separate:
     """The trainer ranks' handle on the rollout ranks (placement=separate)."""
 
-    def __init__(self, ctx):
-        self.ctx = ctx
+    def __init__(self, cfg: Config, ctx):
+        self.cfg, self.ctx = cfg, ctx
+        self._bcast = None
+        self._closed = False
 
-    def _command(self, cmd: dict) -> dict:
+    def _command(self, cmd: dict) -> None:
         box = [cmd if self.ctx.is_main else None]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Generation:
+        ctx = self.ctx
         self._command({"op": "generate", "n": n, "sampling": sampling})
-        everyone: list = [None] * self.ctx.world_size
+        everyone: list = [None] * ctx.world_size
         dist.all_gather_object(everyone, prompts)            # trainers' prompts, in trainer order
-        pieces: list = [None] * self.ctx.world_size
+        pieces: list = [None] * ctx.world_size
         dist.all_gather_object(pieces, None)                 # rollout ranks answer
-        gens = [pieces[r] for r in self.ctx.rollout_ranks]
         merged = Generation([], [], [], [], [], [])
-        for g in gens:  # each rollout rank numbered its prompts globally (see rollout_rank_main)
+        for g in (pieces[r] for r in ctx.rollout_ranks):     # each numbered its prompts globally (serve)
             for f in ("prompt_index", "prompt_ids", "response_ids", "response_logprobs", "texts", "finish_reasons"):
                 getattr(merged, f).extend(getattr(g, f))
         # keep this trainer's slice, renumbered from 0
-        counts = [len(everyone[r]) for r in self.ctx.trainer_ranks]
-        first = sum(counts[:self.ctx.trainer_index])
+        counts = [len(everyone[r]) for r in ctx.trainer_ranks]
+        first = sum(counts[:ctx.trainer_index])
         mine = [i for i, p in enumerate(merged.prompt_index) if first <= p < first + len(prompts)]
         return Generation([merged.prompt_index[i] - first for i in mine],
                           *([getattr(merged, f)[i] for i in mine] for f in
                             ("prompt_ids", "response_ids", "response_logprobs", "texts", "finish_reasons")))
 
-    def push(self, actor, cfg: Config, probe) -> dict:
-        from rlengine.weight_sync import WeightBroadcaster
+    def push(self, actor, probe=None) -> dict:
+        return verified_push(self, actor, probe, self.cfg, self.ctx)
 
+    def _transfer(self, actor, probe) -> Transfer:
+        from rlengine.weight_sync import WeightSyncError, digesting
+
+        ctx = self.ctx
         self._command({"op": "sync", "probe": probe})
-        if not hasattr(self, "_bcast"):
-            self._bcast = WeightBroadcaster(self.ctx.sync_group, src_rank=0, bucket_mb=cfg.rollout.bucket_mb,
-                                            timeout_s=cfg.rollout.sync_timeout_s)
+        self._bcast = self._bcast or _broadcaster(self.cfg, ctx)
         t0 = time.perf_counter()
-        named = actor.named_parameters_gathered()
-        if self.ctx.is_main:
-            metrics = self._bcast.push(named)
-        else:
-            for _ in named:   # other trainer ranks take part in the layer-wise ZeRO-3 gathers
-                pass
-            metrics = {}
+        # every trainer rank iterates (the ZeRO-3 gathers are collective) and digests what it sees
+        stream, digest = digesting(actor.named_parameters_gathered())
+        metrics: dict = {}
+        try:
+            if ctx.is_main:
+                metrics = self._bcast.push(stream)
+            else:
+                for _ in stream:
+                    pass
+        except WeightSyncError as e:   # the receivers learnt the same verdict; their replies say more
+            metrics = dict(e.metrics)
         metrics.setdefault("sync/seconds", time.perf_counter() - t0)
-        answers: list = [None] * self.ctx.world_size
+        answers: list = [None] * ctx.world_size
         dist.all_gather_object(answers, None)
-        probes = [answers[r] for r in self.ctx.rollout_ranks if answers[r] is not None]
-        if probe is not None and probes:
-            metrics["sync/probe_abs_diff"] = _probe_gap(actor, probes[0], probe, cfg.rollout.temperature)
-        metrics = {k: float(v) for k, v in metrics.items()}
-        box = [metrics]
-        dist.broadcast_object_list(box, src=0, group=self.ctx.trainer_group)
-        return box[0]
-
-    def load_weights(self, named_tensors):
-        raise NotImplementedError("weights reach rollout ranks through push()")
-
-    def score(self, prompt_ids, response_ids, temperature=1.0):
-        raise NotImplementedError("the probe runs on the rollout ranks inside push()")
+        box = [{k: float(v) for k, v in metrics.items()}]     # rank 0's transfer figures for every trainer
+        dist.broadcast_object_list(box, src=0, group=ctx.trainer_group)
+        return Transfer([spec.name for spec in stream.manifest], digest.value,
+                        [answers[r] for r in ctx.rollout_ranks], box[0])
 
     def close(self) -> None:
-        self._command({"op": "stop"})
+        if not self._closed:
+            self._closed = True
+            self._command({"op": "stop"})
 
 
-def rollout_rank_main(cfg: Config, ctx) -> int:
+def serve(cfg: Config, ctx) -> int:
     """The loop of a rollout rank: serve generate / sync commands until told to stop."""
     from rlengine.distributed import barrier
     from rlengine.model import load_tokenizer, resolve_model_path
-    from rlengine.weight_sync import WeightBroadcaster
 
     model_path = resolve_model_path(cfg.model.path)
-    tokenizer = load_tokenizer(model_path)
-    sampler = build_local_sampler(cfg, model_path, tokenizer)
-    bcast = WeightBroadcaster(ctx.sync_group, src_rank=0, bucket_mb=cfg.rollout.bucket_mb,
-                              timeout_s=cfg.rollout.sync_timeout_s)
+    sampler = build_local_sampler(cfg, model_path, load_tokenizer(model_path))
+    bcast = _broadcaster(cfg, ctx)
     my_index = ctx.rollout_ranks.index(ctx.rank)
     try:
         while True:
@@ -224,15 +331,30 @@ def rollout_rank_main(cfg: Config, ctx) -> int:
                 lo, hi = _split(len(prompts), len(ctx.rollout_ranks), my_index)
                 gen = sampler.generate(prompts[lo:hi], cmd["n"], cmd["sampling"])
                 gen.prompt_index = [i + lo for i in gen.prompt_index]
-                out: list = [None] * ctx.world_size
-                dist.all_gather_object(out, gen)
+                dist.all_gather_object([None] * ctx.world_size, gen)
             elif cmd["op"] == "sync":
-                bcast.receive(lambda named: sampler.load_weights(named))
-                probe = cmd.get("probe")
-                lp = sampler.score(probe[0], probe[1], temperature=cfg.rollout.temperature) if probe else None
-                answers: list = [None] * ctx.world_size
-                dist.all_gather_object(answers, lp)
+                reply = _receive_push(bcast, sampler, cmd.get("probe"), cfg.rollout.temperature)
+                dist.all_gather_object([None] * ctx.world_size, reply)
     finally:
         sampler.close()
     barrier()
     return 0
+
+
+def _receive_push(bcast, sampler: Sampler, probe, temperature: float) -> SamplerReply:
+    """A rollout rank's side of one push: receive, load, score the probe; failures are reported to
+    the trainers (who decide to retry or stop), not raised here."""
+    from rlengine.weight_sync import WeightSyncError
+
+    reports: list[LoadReport] = []
+
+    def load(named):
+        reports.append(sampler.load_weights(named))
+        return reports[-1]
+
+    try:
+        bcast.receive(load)
+    except WeightSyncError as e:
+        return SamplerReply(reports[-1] if reports else None, error=str(e))
+    logprobs = sampler.score(probe[0], probe[1], temperature=temperature) if probe is not None else None
+    return SamplerReply(reports[-1], logprobs)

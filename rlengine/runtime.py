@@ -60,6 +60,8 @@ def configure_process(local_world_size: int | None = None, threads: int | None =
     else:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if arch:
+            from rlengine.patches import deepspeed_arch_list
+
             os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
     count = int(threads) if threads else threads_per_process(local_world_size)
     os.environ["OMP_NUM_THREADS"] = str(count)
@@ -69,27 +71,10 @@ def configure_process(local_world_size: int | None = None, threads: int | None =
     return count
 
 
-def deepspeed_arch_list(arch_list: str) -> str:
-    """`TORCH_CUDA_ARCH_LIST` as DeepSpeed's JIT op builder can parse it.
-
-    DeepSpeed 0.19.8 reads each entry as integers, so an arch-specific entry such as "9.0a" (set by
-    CUDA images for Hopper) fails the first JIT build, fused AdamW's, with "invalid literal for
-    int() with base 10: '0a'" (seen on an H100). The suffix only enables arch-specific instructions
-    that DeepSpeed's kernels do not use: "9.0a" -> "9.0", "10.0f" -> "10.0"; "+PTX" is kept."""
-    ptx: dict[str, bool] = {}  # capability -> "+PTX" asked for by any of its entries (in order)
-    for entry in arch_list.replace(" ", ";").split(";"):
-        entry = entry.strip()
-        if entry:
-            cc = entry.removesuffix("+PTX").rstrip("abcdefghijklmnopqrstuvwxyz")
-            ptx[cc] = ptx.get(cc, False) or entry.endswith("+PTX")
-    return ";".join(cc + ("+PTX" if p else "") for cc, p in ptx.items())
-
-
 def native_bf16(accelerator: str | None = None) -> bool:
     """Whether bf16 matmuls run natively here: a CUDA device that supports bf16, or a CPU with
-    AVX512-BF16 or AMX. Elsewhere (e.g. an AVX2-only CPU) torch emulates them: a [2048, 576] x
-    [576, 1536] matmul with its backward took 3.84 s in bf16 against 0.146 s in fp32 (26x) on this
-    project's AMD EPYC AVX2 box, 1 thread."""
+    AVX512-BF16 or AMX. Elsewhere (e.g. an AVX2-only CPU) torch emulates them, 26x slower than fp32
+    (docs/benchmarks.md)."""
     import torch
 
     if (accelerator or detect_accelerator()) == "cuda":

@@ -14,7 +14,8 @@ import torch
 from rlengine import model as rl_model
 from rlengine.model import (EMBEDDED, load_causal_lm, load_tokenizer, pad_left, position_ids_from_mask,
                             resolve_model_path, torch_dtype)
-from rlengine.runtime import configure_process, deepspeed_arch_list, dist_backend, threads_per_process
+from rlengine.patches import deepspeed_arch_list
+from rlengine.runtime import configure_process, dist_backend, threads_per_process
 
 REPO = Path(__file__).resolve().parents[1]
 

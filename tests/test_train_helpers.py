@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from rlengine.batch import RolloutBatch
 from rlengine.rollout.base import Generation
-from rlengine.train import mini_batches, probe_sequence
+
+
+def probe_sequence(gen: Generation, probe_tokens: int):
+    return RolloutBatch.from_generation(gen, pad_id=0, group_size=1).probe(probe_tokens)
 
 
 def _gen(prompt_len: int, response_len: int) -> Generation:
@@ -26,7 +30,8 @@ def test_probe_is_the_prompt_tail_and_the_response_head():
 
 def test_mini_batches_keep_groups_whole_and_cover_every_sequence_once():
     g = torch.Generator().manual_seed(0)
-    batches = list(mini_batches(num_groups=6, num_minibatches=3, group_size=4, generator=g))
+    gen = Generation([i // 4 for i in range(24)], [[1, 2]] * 24, [[3]] * 24, [[-1.0]] * 24, ["x"] * 24, ["stop"] * 24)
+    batches = list(RolloutBatch.from_generation(gen, pad_id=0, group_size=4).minibatches(3, g))
     assert len(batches) == 3 and all(len(b) == 8 for b in batches)
     assert sorted(torch.cat(batches).tolist()) == list(range(24))
     for b in batches:   # each mini-batch is two whole groups of 4 consecutive sequences

@@ -1,6 +1,8 @@
 """rlengine/train.py with a fault injected from the test side: the HF sampler loads the initial push
-and then keeps those weights, while claiming every later push loaded (a sampler stuck on stale
-weights). The probe after a push must notice it. Run by the deepspeed launcher like train.py."""
+and then keeps those weights, while reporting every later push loaded, with the digest of the
+tensors it was handed (a sampler whose compute path went stale behind a correct load, as vLLM's
+packed copy of a tied lm_head once did). Only the probe after a push can notice it. Run by the
+deepspeed launcher like train.py."""
 import sys
 from pathlib import Path
 
@@ -17,7 +19,11 @@ def load_first_push_only(self, named_tensors):
     _pushes.append(1)
     if len(_pushes) == 1:
         return _load(self, named_tensors)
-    return [name for name, _ in named_tensors]   # claims every tensor, copies none
+    from rlengine.rollout.base import LoadReport
+    from rlengine.weight_sync import weights_digest
+
+    pairs = list(named_tensors)
+    return LoadReport([name for name, _ in pairs], weights_digest(pairs))   # claims every tensor, copies none
 
 
 HFSampler.load_weights = load_first_push_only
