@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -18,6 +19,42 @@ TINY = [
     "data.max_prompt_tokens=512", "reward.num_workers=1", "run.token_dump_every=1",
     "run.tensorboard=true", "train.lr=1e-5", "reward.name=tests.rewards_for_tests:digit_fraction",
 ]
+
+# ----------------------------------------------------------------------------- tolerances
+EPS64 = 2.0 ** -52          # torch.finfo(torch.float64).eps (this module does not import torch)
+EPS32 = 2.0 ** -23          # torch.finfo(torch.float32).eps
+
+# The five frac_<region> of a metrics line are token-weighted float64 means over a step's
+# micro-batches (every rank's): count / n rounded once per micro-batch, weighted by n, summed and
+# divided by the total, <= M + 2 roundings of each fraction for M micro-batches; the five then sum
+# with 4 more roundings of values <= 1. The TINY runs have M = 4 a step (2 iterations x 8 samples
+# in micro-batches of 4): <= ~10 eps64, and 32 eps64 leaves 3x (measured: exactly 1).
+FRAC_SUM_TOL = 32 * EPS64
+
+# fp32 log-probs of the same weights from two different forward implementations (KV-cached decode vs
+# a full forward, vLLM vs HF, a padded batch vs one sequence: the sampler vs the trainer) for the
+# embedded SmolLM2-135M. Per token the head alone differs by 2 eps32 S + 4 eps32 (|logp| + max|z|),
+# S = max_v sum_i |h_i w_vi| / T (tests/test_logprobs_model.py). The L = 30 decoder layers before it
+# round differently too, each moving the residual stream by up to ~eps32 of itself, which the head
+# turns into S times that: 2 L eps32 S for the two sides when every layer's rounding adds up. S at
+# T = 1 is 127-176 over the tests' tokens (FP32_S_MAX = 180): 1.3e-3 / T. Measured: ~1.5e-5 (HF
+# KV-cached decode vs a full forward; a real run's sync/probe_abs_diff), 6e-5 (vLLM vs HF), up to
+# ~5e-4 (a padded batch vs one sequence); bf16 on either side gives 0.024-0.07 and a sampler with
+# stale weights 1.7 (rlengine/placement.py), so the bound still tells those apart.
+FP32_LAYERS, FP32_S_MAX = 30, 180.0
+
+
+def fp32_logprob_tol(temperature: float = 1.0) -> float:
+    """Bound on |sampler log-prob - trainer log-prob| (and on their mean, the probe gap), fp32 both."""
+    return 2 * FP32_LAYERS * EPS32 * FP32_S_MAX / temperature
+
+
+def ratio_left_one(row: dict) -> bool:
+    """A metrics line whose token ratios left 1 by more than fp32 recomputation noise: an unchanged
+    policy recomputed on another micro-batch layout (padding, so kernels) moves a log-prob by at
+    most fp32_logprob_tol(), so its ratio stays within exp(+-tol) of 1."""
+    tol = fp32_logprob_tol()
+    return row["ratio_max"] > math.exp(tol) or row["ratio_min"] < math.exp(-tol)
 
 
 def free_port() -> int:

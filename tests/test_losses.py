@@ -19,7 +19,9 @@ from rlengine.losses import (
     kl_k3, kl_penalty, kl_term, loss_hyperparams, make_ratio_context, policy_loss, register_loss,
     validate_loss_params,
 )
+from tests.test_gates import assert_within, fprime_rtol
 
+EPS64, EPS32 = torch.finfo(torch.float64).eps, torch.finfo(torch.float32).eps
 EXPECTED_LOSSES = {"grpo", "cispo", "gppo", "ce_gppo", "aspo", "sapo", "dgpo", "dppo", "gspo", "gspo_token", "gmpo"}
 SEQUENCE_LOSSES = {"gspo", "gspo_token", "gmpo"}   # elementwise=False; their tests: test_losses_sequence.py
 
@@ -93,6 +95,27 @@ def reference_weight(name: str, r: np.ndarray, pos: np.ndarray, p: dict) -> np.n
     return w
 
 
+def weight_rtol(name: str, p: dict, r: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Relative bound on |w - w_ref| in float64, both from the same r: each table entry is r, a
+    constant, 1 / r or a power of r (libm pow within 1 ulp), a few roundings: 16 eps64. SAPO's f'
+    is sensitive to its argument u = tau (r - 1) (erf: |d ln f' / du| = |u|, up to ~38 before f'
+    underflows): tests/test_gates.py's fprime_rtol."""
+    if name == "sapo":
+        return fprime_rtol(p["gate"], r, np.where(pos, p["tau_pos"], p["tau_neg"]), EPS64)
+    return np.full(r.shape, 16 * EPS64)
+
+
+def fd_bound(s_plus, s_minus, w, logp, r, h: float, tau=0.0) -> np.ndarray:
+    """|central difference - w| bound for s(logp +- h) (float64): the two surrogate values round to a
+    few ulps of their magnitude (4 eps |s| / h after the division by 2h); logp +- h, logp - old and
+    exp carry eps (|logp| + |ln r| + 2) in ln r, which moves s by that times w (over h); truncation
+    h^2 |s^(3)| / 6 with |s^(3)| <= (4 + tau r)^2 |w| (powers r^k, k <= 4; a gate adds tau r per
+    derivative). 2x to spare."""
+    S, aw = np.maximum(np.abs(s_plus), np.abs(s_minus)), np.abs(w)
+    return 2 * (4 * EPS64 * S / h + EPS64 * (np.abs(logp) + np.abs(np.log(r)) + 2) * aw / h
+                + h ** 2 * (4 + tau * r) ** 2 * aw / 6)
+
+
 def reference_regions(r: np.ndarray, pos: np.ndarray, eps_low: float, eps_high: float) -> np.ndarray:
     L, U = 1.0 - eps_low, 1.0 + eps_high
     out = np.empty(r.shape, dtype=np.int64)
@@ -150,7 +173,9 @@ def make_batch(seed: int = 0, B: int = 16, T: int = 48, dtype=torch.float64, bou
     wide = torch.exp((torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1) * math.log(1e3))
     near = 0.5 + 1.1 * torch.rand(B, T, generator=g, dtype=torch.float64)
     r = torch.where(torch.rand(B, T, generator=g) < 0.5, wide, near)
-    for b in boundaries:  # keep away from region / cap boundaries (the weight jumps there)
+    # keep away from region / cap boundaries (the weight jumps there): 1e-4 relative is 100 finite-
+    # difference steps (h = 1e-6 in log r) and ~1e11 float64 ulps, so neither straddles a jump
+    for b in boundaries:
         r = torch.where((r / b - 1).abs() < 1e-4, r * 1.01, r)
     old_logp = -5 * torch.rand(B, T, generator=g, dtype=torch.float64)
     if probabilities:
@@ -201,8 +226,10 @@ def test_registry_names_and_api():
     # the papers' defaults, typed from the papers
     assert (loss_hyperparams("gspo")["eps_low"], loss_hyperparams("gspo")["eps_high"]) == (3e-4, 4e-4)
     assert loss_hyperparams("gspo_token") == loss_hyperparams("gspo")
-    assert loss_hyperparams("gmpo") == {"eps_low": pytest.approx(1 - math.exp(-0.4)),
-                                        "eps_high": pytest.approx(math.exp(0.4) - 1)}
+    # the same float64 expressions as the library's defaults: only a different libm exp (1 ulp of
+    # e^+-0.4, <= 3 ulps of the differences; the subtractions are exact by Sterbenz) could differ
+    assert loss_hyperparams("gmpo") == {"eps_low": pytest.approx(1 - math.exp(-0.4), rel=4 * EPS64),
+                                        "eps_high": pytest.approx(math.exp(0.4) - 1, rel=4 * EPS64)}
     assert loss_hyperparams("dppo") == {"eps_low": 0.2, "eps_high": 0.2, "dppo_type": "binary_tv",
                                         "delta_low": 0.2, "delta_high": 0.2, "clip_c": None}
     assert {n: LOSSES[n].agg for n in SEQUENCE_LOSSES} == dict.fromkeys(SEQUENCE_LOSSES, "seq-mean-token-mean")
@@ -249,14 +276,14 @@ def test_autograd_gradient_matches_closed_form_weight(case):
     w_ref = reference_weight(name, r, pos, ref_params(params, old, mask))
     w_ref_masked = np.where(m, w_ref, 0.0)
     # the per-token weight output (defined for A = 0 tokens too) equals the table, per region
+    rtol = weight_rtol(name, params, r, pos)
     for k, region in enumerate(REGIONS):
         sel = m & (regions == k)
-        np.testing.assert_allclose(out.weight.numpy()[sel], w_ref[sel], rtol=1e-10, atol=1e-300,
-                                   err_msg=f"{name} {p} region {region}")
-    # the gradient of the aggregated loss is -A w / N_tokens; masked tokens get exactly 0
+        assert_within(out.weight.numpy()[sel], w_ref[sel], rtol=rtol[sel], atol=0), f"{name} {p} region {region}"
+    # the gradient of the aggregated loss is -A w / N_tokens (2 more roundings); masked tokens get exactly 0
     grad = logp.grad.numpy()
     expected = np.where(m, -A * w_ref_masked / m.sum(), 0.0)
-    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-300)
+    assert_within(grad, expected, rtol=rtol + 2 * EPS64, atol=0)
     assert (grad[~m] == 0.0).all() and np.isfinite(grad).all()
     np.testing.assert_array_equal(out.region.numpy(), np.where(m, regions, REGION_PAD))
 
@@ -279,7 +306,9 @@ def test_finite_difference_weight(case):
     r = torch.exp(torch.where(mask, logp - old, 0.0)).numpy()
     w_ref = reference_weight(name, r, pos.numpy(), ref_params(params, old, mask))
     err = np.abs(w_fd[m] - w_ref[m])
-    assert (err <= 1e-5 * np.abs(w_ref[m]) + 1e-8 * (1 + np.abs(logp.numpy()[m]))).all(), err.max()
+    tau = np.where(pos.numpy(), params["tau_pos"], params["tau_neg"]) if name == "sapo" else 0.0
+    bound = fd_bound(s[1.0].numpy(), s[-1.0].numpy(), w_ref, logp.numpy(), r, h, tau)[m]
+    assert (err <= bound).all(), (err / bound).max()
 
 
 @pytest.mark.parametrize("case", [c for c in LOSS_CASES if c[0] in ("grpo", "sapo")], ids=case_id)
@@ -294,7 +323,12 @@ def test_finite_difference_of_loss_value(case):
     out = policy_loss(name, logp, old, adv, mask, **p)
     A = np.broadcast_to(adv.numpy()[:, None], fd.shape)
     m = mask.numpy()
-    np.testing.assert_allclose(fd[m], (-A * out.weight.numpy())[m], rtol=1e-5, atol=1e-7)
+    # fd_bound of the token loss -A s, whose derivative is -A w (one more rounding on the right)
+    params = full_params(name, p)
+    r = torch.exp(torch.where(mask, logp - old, 0.0)).numpy()
+    tau = np.where(A > 0, params["tau_pos"], params["tau_neg"]) if name == "sapo" else 0.0
+    bound = fd_bound(plus.numpy(), minus.numpy(), A * out.weight.numpy(), logp.numpy(), r, h, tau)
+    assert_within(fd[m], (-A * out.weight.numpy())[m], rtol=2 * EPS64, atol=bound[m])
 
 
 @pytest.mark.parametrize("n", [0.0, 0.5, 1.0, 2.0, 3.0])
@@ -308,17 +342,21 @@ def test_dgpo_weight_continuous_at_boundaries(n, m):
         out = policy_loss("dgpo", torch.log(r), torch.zeros_like(r), torch.tensor([sign], dtype=torch.float64),
                           torch.ones_like(r, dtype=torch.bool), n=n, m=m, eps_low=eps_low, eps_high=eps_high)
         w = out.weight[0, pair]
-        assert abs(w[0] - w[1]).item() < 1e-7, (n, m, sign, w)
+        # continuous: the two points are 2 d r apart and |dw/dr| <= max(n + 1, 1) on either side
+        # ((r/L)^n r and U^(1/m) r^(1 - 1/m)), plus a few roundings of w ~ U; 2x to spare.
+        # GRPO's jump at L is 0.8 (next test)
+        assert abs(w[0] - w[1]).item() < 2 * (max(n + 1, 1.0) * 2 * d * U + 8 * EPS64 * U), (n, m, sign, w)
         assert out.region[0, pair].tolist() == ([1, 0] if sign < 0 else [0, 2])
 
 
 def test_grpo_weight_jumps_at_boundary():
     """The continuity check can fail: GRPO's weight drops from L to 0 across r = L (A < 0)."""
-    L = 0.8
-    r = torch.tensor([[L * (1 - 1e-9), L * (1 + 1e-9)]], dtype=torch.float64)
+    L, d = 0.8, 1e-9
+    r = torch.tensor([[L * (1 - d), L * (1 + d)]], dtype=torch.float64)
     out = policy_loss("grpo", torch.log(r), torch.zeros_like(r), torch.tensor([-1.0], dtype=torch.float64),
                       torch.ones_like(r, dtype=torch.bool))
-    assert out.weight[0, 0].item() == 0.0 and abs(out.weight[0, 1].item() - L) < 1e-6
+    # inside, w = r = L (1 + d): off L by L d, plus the log / exp round trip of r (a few ulps)
+    assert out.weight[0, 0].item() == 0.0 and abs(out.weight[0, 1].item() - L) < L * d + 8 * EPS64 * L
 
 
 def test_dgpo_limits():
@@ -326,10 +364,12 @@ def test_dgpo_limits():
     logp, old, adv, mask = make_batch(5)
     r = torch.exp(torch.where(mask, logp - old, 0.0))
     plain = policy_loss("dgpo", logp, old, adv, mask, n=0.0, m=math.inf)
-    assert torch.allclose(plain.weight[mask], r[mask], rtol=1e-12)
+    # float64 r^1 / L^0 and U^0 r^1: r up to a pow's ulp and a rounding or two
+    assert torch.allclose(plain.weight[mask], r[mask], rtol=4 * EPS64, atol=0)
     gp = policy_loss("dgpo", logp, old, adv, mask, m=1.0)
     hp = gp.region == REGIONS.index("HP")
-    assert hp.any() and torch.allclose(gp.weight[hp], torch.full_like(gp.weight[hp], 1.2))
+    # U^1 r^0 = U = 1.2 (float64 1 + 0.2), likewise up to a few ulps
+    assert hp.any() and torch.allclose(gp.weight[hp], torch.full_like(gp.weight[hp], 1.2), rtol=4 * EPS64, atol=0)
 
 
 def test_dgpo_decays_where_cispo_diverges():
@@ -337,6 +377,7 @@ def test_dgpo_decays_where_cispo_diverges():
     r = torch.tensor([[1e-1, 1e-2, 1e-3]], dtype=torch.float64)
     args = (torch.log(r), torch.zeros_like(r), torch.tensor([-1.0], dtype=torch.float64), torch.ones_like(r, dtype=torch.bool))
     rel = {name: (policy_loss(name, *args).weight / r)[0] for name in ("dgpo", "cispo", "gppo")}
+    # a decay criterion, not a rounding bound: (r/L)^1 at r = 1e-3 is 1.25e-3, CISPO's L / r is 800
     assert (rel["dgpo"].diff() < 0).all() and rel["dgpo"][-1] < 1e-2
     for name in ("cispo", "gppo"):
         assert (rel[name].diff() > 0).all() and rel[name][-1] > 700
@@ -411,10 +452,13 @@ def test_aggregation_by_hand():
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)  # row 2: padding only
     values = torch.where(mask, values, torch.nan)  # masked NaN must not leak
-    assert aggregate(values, mask, "token-mean").item() == pytest.approx((1 + 2 + 4) / 3)
-    assert aggregate(values, mask, "seq-mean-token-mean").item() == pytest.approx(((1 + 2) / 2 + 4 / 1) / 2)
-    assert aggregate(values, mask, "seq-mean-token-sum-norm").item() == pytest.approx(7 / (2 * 3))
-    assert aggregate(values, mask, "seq-mean-token-sum-norm", max_len=10).item() == pytest.approx(7 / (2 * 10))
+    # float32: sums of small integers are exact; the divisions (by lengths, rows, max_len) and the
+    # weights they make round <= 3 times, each <= eps32 / 2 relative
+    rel = 2 * EPS32
+    assert aggregate(values, mask, "token-mean").item() == pytest.approx((1 + 2 + 4) / 3, rel=rel)
+    assert aggregate(values, mask, "seq-mean-token-mean").item() == pytest.approx(((1 + 2) / 2 + 4 / 1) / 2, rel=rel)
+    assert aggregate(values, mask, "seq-mean-token-sum-norm").item() == pytest.approx(7 / (2 * 3), rel=rel)
+    assert aggregate(values, mask, "seq-mean-token-sum-norm", max_len=10).item() == pytest.approx(7 / (2 * 10), rel=rel)
     empty = torch.zeros_like(mask)
     for agg in AGG_MODES:
         assert aggregate(values, empty, agg).item() == 0.0
@@ -428,8 +472,11 @@ def test_aggregation_weights_match_aggregate(agg):
     mask[2] = False
     weights = aggregation_weights(mask, agg, 20 if agg.endswith("norm") else None, torch.float64)
     assert (weights[~mask] == 0).all()
+    # two float64 sums of the same <= n = 54 signed terms in different orders: each within
+    # n eps64 sum|terms| of the exact value (recursive summation; torch's is pairwise, tighter)
+    terms = (weights * values).abs().sum().item()
     assert (weights * values).sum().item() == pytest.approx(
-        aggregate(values, mask, agg, 20 if agg.endswith("norm") else None).item(), rel=1e-12)
+        aggregate(values, mask, agg, 20 if agg.endswith("norm") else None).item(), abs=2 * mask.numel() * EPS64 * terms)
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
@@ -446,12 +493,14 @@ def test_aggregation_sets_gradient_scale(agg):
              "seq-mean-token-sum-norm": 1.0 / (B * 64)}[agg]
     A = adv.numpy()[:, None]
     expected = np.where(m, -A * out.weight.numpy() * scale, 0.0)
-    np.testing.assert_allclose(logp.grad.numpy(), expected, rtol=1e-12, atol=1e-300)
+    # float64 products of the same factors in another order: a few roundings each
+    np.testing.assert_allclose(logp.grad.numpy(), expected, rtol=8 * EPS64, atol=0)
     # the value is the same aggregation of the per-token loss, computed by hand
     tl = out.token_loss.numpy()
-    value = {"token-mean": tl[m].sum() / m.sum(), "seq-mean-token-mean": np.sum(tl.sum(1) / lengths[:, 0]) / B,
-             "seq-mean-token-sum-norm": tl.sum() / (B * 64)}[agg]
-    assert out.loss.item() == pytest.approx(value, rel=1e-12)
+    of = lambda t: {"token-mean": t[m].sum() / m.sum(), "seq-mean-token-mean": np.sum(t.sum(1) / lengths[:, 0]) / B,  # noqa: E731
+                    "seq-mean-token-sum-norm": t.sum() / (B * 64)}[agg]
+    # signed sums of <= n tokens in two orders: n eps64 of the same aggregation of |token loss|, each way
+    assert out.loss.item() == pytest.approx(of(tl), abs=2 * m.sum() * EPS64 * of(np.abs(tl)))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -474,31 +523,42 @@ def test_metrics_against_independent_counts(case):
     counts = {"M": ((r >= L) & (r <= U)).sum(), "LN": ((r < L) & ~pos).sum(), "HP": ((r > U) & pos).sum(),
               "LP": ((r < L) & pos).sum(), "HN": ((r > U) & ~pos).sum()}
     N = m.sum()
+    # Tolerances (float64). A fraction is an exact count over N, rounded once (eps64 / 2) on each side.
+    # A mean of N nonnegative terms is off by <= N eps64 relative (summation) plus the terms' own
+    # relative error: weight_rtol for w / r, 2 eps64 for r (torch's exp vs numpy's).
     for k in REGIONS:
-        assert mt[f"frac_{k}"] == pytest.approx(counts[k] / N, abs=1e-12)
-    assert sum(mt[f"frac_{k}"] for k in REGIONS) == pytest.approx(1.0)
+        assert mt[f"frac_{k}"] == pytest.approx(counts[k] / N, abs=EPS64)
+    assert sum(mt[f"frac_{k}"] for k in REGIONS) == pytest.approx(1.0, abs=2 * len(REGIONS) * EPS64)
     w = reference_weight(name, r, pos, params)
     rel = w / r
-    assert mt["eur"] == pytest.approx(rel.mean(), rel=1e-9)
+    rel_tol = N * EPS64 + weight_rtol(name, params, r, pos).max() + 2 * EPS64
+    assert mt["eur"] == pytest.approx(rel.mean(), rel=rel_tol)
     for k, sel in (("M", (r >= L) & (r <= U)), ("LN", (r < L) & ~pos), ("HP", (r > U) & pos)):
-        assert mt[f"w_{k}"] == pytest.approx(rel[sel].mean(), rel=1e-9)
-    assert mt["ratio_min"] == pytest.approx(r.min(), rel=1e-12)
-    assert mt["ratio_max"] == pytest.approx(r.max(), rel=1e-12)
-    assert mt["ratio_mean"] == pytest.approx(r.mean(), rel=1e-12)
-    assert mt["kl_old"] == pytest.approx(np.mean(1 / r - 1 + np.log(r)), rel=1e-9)
-    assert mt["adv_pos_frac"] == pytest.approx(pos.mean())
+        assert mt[f"w_{k}"] == pytest.approx(rel[sel].mean(), rel=rel_tol)
+    assert mt["ratio_min"] == pytest.approx(r.min(), rel=2 * EPS64)
+    assert mt["ratio_max"] == pytest.approx(r.max(), rel=2 * EPS64)
+    assert mt["ratio_mean"] == pytest.approx(r.mean(), rel=N * EPS64 + 2 * EPS64)
+    # k3 = 1/r - 1 + log r >= 0 cancels near r = 1: each term is off by a few eps64 of 1/r + 1 + |log r|
+    # (absolute), and the N-term sum by N eps64 of the (nonnegative) total
+    k3 = 1 / r - 1 + np.log(r)
+    assert mt["kl_old"] == pytest.approx(k3.mean(), abs=4 * EPS64 * np.mean(1 / r + 1 + np.abs(np.log(r))) + N * EPS64 * k3.mean())
+    assert mt["adv_pos_frac"] == pytest.approx(pos.mean(), abs=EPS64)
     assert mt["n_tokens"] == N
-    assert mt["clip_frac"] == pytest.approx(np.mean(np.abs(w - r) > 1e-5 * r))
-    assert mt["zero_weight_frac"] == pytest.approx(np.mean(w == 0))
-    assert mt["loss"] == pytest.approx(out.loss.item())
+    # 1e-5 here is not a tolerance of this test: it is rlengine's definition of clipped (CLIP_REL_TOL)
+    assert mt["clip_frac"] == pytest.approx(np.mean(np.abs(w - r) > 1e-5 * r), abs=EPS64)
+    assert mt["zero_weight_frac"] == pytest.approx(np.mean(w == 0), abs=EPS64)
+    assert mt["loss"] == out.loss.item()                                 # the same float64 number
 
 
 def test_grpo_eur_is_one_minus_clip_fraction():
     """The gate paper: without dual clip, GRPO's EUR = 1 - clip_ratio."""
     logp, old, adv, mask = make_batch(12)
     mt = policy_loss("grpo", logp, old, adv, mask, clip_c=None).metrics
-    assert mt["eur"] == pytest.approx(1 - mt["clip_frac"]) and mt["clip_frac"] == pytest.approx(mt["zero_weight_frac"])
-    assert mt["clip_frac"] == pytest.approx(mt["frac_LN"] + mt["frac_HP"])
+    # float64 fractions of exact counts (w / r is exactly 1 or 0 here): one rounding each, plus the
+    # subtraction or sum on the right
+    assert mt["eur"] == pytest.approx(1 - mt["clip_frac"], abs=2 * EPS64)
+    assert mt["clip_frac"] == pytest.approx(mt["zero_weight_frac"], abs=EPS64)
+    assert mt["clip_frac"] == pytest.approx(mt["frac_LN"] + mt["frac_HP"], abs=2 * EPS64)
 
 
 def test_empty_region_reports_zero_weight_and_empty_mask():
@@ -517,17 +577,23 @@ def test_kl_estimators():
     logp = (-3 * torch.rand(5, 7, generator=g, dtype=torch.float64)).requires_grad_(True)
     ref = -3 * torch.rand(5, 7, generator=g, dtype=torch.float64)
     d = (ref - logp).detach().numpy()
-    np.testing.assert_allclose(kl_k1(logp, ref).detach().numpy(), -d, rtol=1e-12)
-    np.testing.assert_allclose(kl_k2(logp, ref).detach().numpy(), d ** 2 / 2, rtol=1e-12)
+    # float64, the same subtraction on both sides (k1 exactly -d; k2 adds a square and a halving)
+    np.testing.assert_allclose(kl_k1(logp, ref).detach().numpy(), -d, rtol=EPS64, atol=0)
+    np.testing.assert_allclose(kl_k2(logp, ref).detach().numpy(), d ** 2 / 2, rtol=2 * EPS64, atol=0)
     k3 = kl_k3(logp, ref)
-    np.testing.assert_allclose(k3.detach().numpy(), np.exp(d) - d - 1, rtol=1e-10, atol=1e-15)
+    # expm1(d) - d against the reference's exp(d) - d - 1, which cancels to a few eps64 of
+    # e^d + |d| + 1 (absolute); the same for the gradient 1 - e^d
+    assert_within(k3.detach().numpy(), np.exp(d) - d - 1, rtol=4 * EPS64, atol=4 * EPS64 * (np.exp(d) + np.abs(d) + 1))
     assert (k3 >= 0).all()
     (g3,) = torch.autograd.grad(k3.sum(), logp)
-    np.testing.assert_allclose(g3.numpy(), 1 - np.exp(d), rtol=1e-10)  # d k3 / d logp
+    assert_within(g3.numpy(), 1 - np.exp(d), rtol=4 * EPS64, atol=4 * EPS64 * (np.exp(d) + 1))  # d k3 / d logp
     assert torch.equal(kl_penalty(logp, ref, "k2"), kl_k2(logp, ref))
     mask = torch.ones(5, 7, dtype=torch.bool)
     mask[0, 3:] = False
-    assert kl_term(logp, ref, mask, "k1").item() == pytest.approx((-d)[mask.numpy()].mean())
+    # a float64 mean of n signed terms in two orders: n eps64 of mean |d|, each way
+    n = int(mask.sum())
+    assert kl_term(logp, ref, mask, "k1").item() == pytest.approx((-d)[mask.numpy()].mean(),
+                                                                   abs=2 * n * EPS64 * np.abs(d)[mask.numpy()].mean())
     with pytest.raises(ValueError, match="k4.*k1, k2, k3"):
         kl_penalty(logp, ref, "k4")
     assert torch.isfinite(kl_k3(torch.zeros(3), torch.tensor([-30.0, 0.0, 30.0]))).all()
@@ -537,9 +603,13 @@ def test_entropy():
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
     ent = entropy_from_logits(logits)
     p = np.exp([10.0, 0, 0, 0]) / np.exp([10.0, 0, 0, 0]).sum()
-    np.testing.assert_allclose(ent.numpy()[0], [math.log(4), -(p * np.log(p)).sum()], rtol=1e-12)
+    # float64 log-softmax subtracts the logsumexp (~max|z| = 10) from every logit: each log-prob is off
+    # by a few eps64 of max|z| + 1 absolute, and the entropy weighs those errors by p (summing to 1)
+    np.testing.assert_allclose(ent.numpy()[0], [math.log(4), -(p * np.log(p)).sum()], rtol=0,
+                               atol=8 * EPS64 * (float(logits.abs().max()) + 1))
     mask = torch.tensor([[True, False]])
-    assert entropy_term(ent, mask).item() == pytest.approx(math.log(4), rel=1e-6)
+    # one token: log 4 through the float64 log-softmax and the mean of one value, ~6 roundings
+    assert entropy_term(ent, mask).item() == pytest.approx(math.log(4), rel=8 * EPS64)
     assert entropy_from_logits(logits.bfloat16()).dtype == torch.float32
 
 
@@ -557,7 +627,7 @@ def test_register_loss_with_one_function():
         logp, old, adv, mask = make_batch(13)
         out = policy_loss("test_plain_is", logp, old, adv, mask, scale=3.0)
         r = torch.exp(torch.where(mask, logp - old, 0.0))
-        assert torch.allclose(out.weight[mask], 3.0 * r[mask])
+        assert torch.allclose(out.weight[mask], 3.0 * r[mask], rtol=2 * EPS64, atol=0)   # float64 3 r: one product
         with pytest.raises(ValueError, match="scale"):
             policy_loss("test_plain_is", logp, old, adv, mask, scale="big")
         with pytest.raises(ValueError, match="already registered"):
@@ -566,7 +636,7 @@ def test_register_loss_with_one_function():
         register_loss("test_no_eps")(lambda ctx, *, scale=1.0: scale * ctx.ratio)
         out = policy_loss("test_no_eps", logp, old, adv, mask, eps_low=0.5, eps_high=0.5)
         r_m = r[mask]
-        assert out.metrics["frac_M"] == pytest.approx(float(((r_m >= 0.5) & (r_m <= 1.5)).double().mean()))
+        assert out.metrics["frac_M"] == pytest.approx(float(((r_m >= 0.5) & (r_m <= 1.5)).double().mean()), abs=EPS64)
         with pytest.raises(TypeError, match="keyword-only"):
             register_loss("test_bad")(lambda ctx, **kw: ctx.ratio)
     finally:
@@ -636,6 +706,8 @@ def test_ratio_statistics_ignore_padding():
     r = torch.tensor([[2.0, 3.0, 1.0], [1.5, 1.0, 1.0]], dtype=torch.float64)  # padding would read as r = 1
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     mt = policy_loss("grpo", torch.log(r), torch.zeros_like(r), torch.tensor([1.0, -1.0]), mask).metrics
-    assert (mt["ratio_min"], mt["ratio_max"]) == (pytest.approx(1.5), pytest.approx(3.0))
-    assert mt["ratio_mean"] == pytest.approx(6.5 / 3) and mt["n_tokens"] == 3.0
-    assert mt["frac_M"] == 0.0 and mt["frac_HP"] == pytest.approx(2 / 3) and mt["frac_HN"] == pytest.approx(1 / 3)
+    # float64: r back from exp(log r) (a few ulps), a 3-term sum and a division; fractions round once
+    assert (mt["ratio_min"], mt["ratio_max"]) == (pytest.approx(1.5, rel=4 * EPS64), pytest.approx(3.0, rel=4 * EPS64))
+    assert mt["ratio_mean"] == pytest.approx(6.5 / 3, rel=8 * EPS64) and mt["n_tokens"] == 3.0
+    assert mt["frac_M"] == 0.0 and mt["frac_HP"] == pytest.approx(2 / 3, abs=EPS64)
+    assert mt["frac_HN"] == pytest.approx(1 / 3, abs=EPS64)

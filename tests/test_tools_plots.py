@@ -27,8 +27,10 @@ import _plotting as P  # noqa: E402
 import plot_curves  # noqa: E402
 import plot_scatter  # noqa: E402
 from tests.real_runs import clone_run, dumped_steps, metrics_by_step  # noqa: E402
+from tests.test_gates import fprime_rtol  # noqa: E402
 from tests.test_tools_synthetic import synthetic_run  # noqa: E402,F401  (fixture)
 
+EPS64, EPS32 = float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)
 BOTH_RUNS = pytest.mark.parametrize("which", ["run_dir", "synthetic_run"])
 
 
@@ -37,6 +39,9 @@ def _axes(fig, prefix: str) -> dict:
 
 
 def _bounds(tokens) -> list[float]:
+    """L and U rounded to 6 decimals: the tools draw them from the same eps column by the same float64
+    1 -/+ eps (equal to the last bit); the rounding only makes the list comparison readable, and
+    a wrong bound (eps 0.2 vs 0.28) is 0.08 away."""
     return [round(1 - float(tokens["eps_low"].iloc[0]), 6), round(1 + float(tokens["eps_high"].iloc[0]), 6)]
 
 
@@ -63,9 +68,12 @@ def test_parse_steps():
 def test_ema_matches_hand_computation():
     # weight 0.5: acc = .5, norm = .5 -> 1; acc = .25 + 1.5 = 1.75, norm = .75 -> 7/3; NaN skipped
     out = P.ema([1.0, 3.0, float("nan"), 3.0], 0.5)
-    assert out[0] == pytest.approx(1.0) and out[1] == pytest.approx(7 / 3) and math.isnan(out[2])
-    assert out[3] == pytest.approx((0.5 * 1.75 + 1.5) / (0.5 * 0.75 + 0.5))
-    assert np.allclose(P.ema([2.0, 5.0], 0.0), [2.0, 5.0])
+    # float64: each step rounds acc and norm twice and divides once (dyadic values here, so exact in
+    # practice); <= 3 steps: 8 eps64 relative
+    assert out[0] == pytest.approx(1.0, rel=8 * EPS64) and out[1] == pytest.approx(7 / 3, rel=8 * EPS64)
+    assert math.isnan(out[2])
+    assert out[3] == pytest.approx((0.5 * 1.75 + 1.5) / (0.5 * 0.75 + 0.5), rel=8 * EPS64)
+    assert np.allclose(P.ema([2.0, 5.0], 0.0), [2.0, 5.0], rtol=4 * EPS64, atol=0)
     with pytest.raises(ValueError):
         P.ema([1.0], 1.0)
 
@@ -88,16 +96,21 @@ def test_recompute_weights_follow_the_formula_sheet():
     r = np.array([0.5, 0.5, 1.0, 1.5, 1.5, 4.0])
     a = np.array([-1.0, 1.0, 1.0, 1.0, -1.0, -1.0])
     regions = ["LN", "LP", "M", "HP", "HN", "HN"]
+    # float64 through the loss zoo on logp = log r: r comes back from exp(log r) (<= eps64 (1 + |ln r|/2))
+    # and each weight is a constant, a ratio or a power of it (<= 2 |ln r| ulps more): 8 eps64
     rel, reg = P.recompute_weights(P.parse_loss_spec("grpo"), r, a, 0.2, 0.2)
     assert list(reg) == regions
-    assert np.allclose(rel, [0, 1, 1, 0, 1, 0])                        # dual clip c = 3 zeroes r = 4
+    assert np.allclose(rel, [0, 1, 1, 0, 1, 0], rtol=8 * EPS64, atol=0)      # dual clip c = 3 zeroes r = 4
     rel, _ = P.recompute_weights(P.parse_loss_spec("cispo"), r, a, 0.2, 0.2)
-    assert np.allclose(rel, [low / 0.5, low / 0.5, 1, high / 1.5, high / 1.5, high / 4.0])
+    assert np.allclose(rel, [low / 0.5, low / 0.5, 1, high / 1.5, high / 1.5, high / 4.0], rtol=8 * EPS64, atol=0)
     rel, _ = P.recompute_weights(P.parse_loss_spec("dgpo:n=2,m=2"), r, a, 0.2, 0.2)
-    assert np.allclose(rel, [(0.5 / low) ** 2, 1, 1, (high / 1.5) ** 0.5, 1, 1])
+    assert np.allclose(rel, [(0.5 / low) ** 2, 1, 1, (high / 1.5) ** 0.5, 1, 1], rtol=8 * EPS64, atol=0)
     rel, _ = P.recompute_weights(P.parse_loss_spec("sapo:gate=erf,tau_pos=10,tau_neg=12"), r, a, 0.2, 0.2)
     tau = np.where(a > 0, 10.0, 12.0)
-    assert np.allclose(rel, np.exp(-tau ** 2 * (r - 1) ** 2 / 2), atol=1e-12)
+    # f' = exp(-u^2 / 2) is sensitive to u = tau (r - 1) (tests/test_gates.py's fprime_rtol), here with
+    # r's own round-trip error
+    assert np.allclose(rel, np.exp(-tau ** 2 * (r - 1) ** 2 / 2), atol=0,
+                       rtol=fprime_rtol("erf", r, tau, EPS64, rel_x=EPS64 * (1 + np.abs(np.log(r)) / 2)))
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -110,7 +123,8 @@ def test_read_metrics_jsonl_and_tensorboard_agree(run_dir, tmp_path):
     from_tb = P.read_metrics(tb_only)
     assert list(from_tb["step"]) == list(from_jsonl["step"])
     for key in ("reward/mean", "eur", "entropy", "frac_LN"):
-        assert np.allclose(from_tb[key], from_jsonl[key], rtol=1e-6), key  # TB stores float32
+        # TB stores float32: one round-to-nearest of the float64 value, <= eps32 / 2 relative
+        assert np.allclose(from_tb[key], from_jsonl[key], rtol=EPS32, atol=0), key
 
 
 def test_read_metrics_errors_and_torn_last_line(tmp_path):
@@ -159,6 +173,7 @@ def test_token_dumps_hold_every_response_token_of_each_update(run_dir, second_ru
         for step in dumped_steps(run):
             tokens = P.read_tokens(run, step, step)
             row = metrics[step]
+            # token counts rebuilt from float64 products (a few ulps of ~100): round() absorbs that
             total = round(row["response_len/mean"] * samples)
             assert round(row["tokens_per_s"] * row["time/step"]) == total
             per_update = tokens.groupby("update").size()
@@ -182,9 +197,13 @@ def test_dumped_weights_agree_with_the_loss_zoo(which, request):
     tokens = P.read_tokens(run_dir)
     spec = P.run_loss_spec(run_dir, tokens)
     eps_low, eps_high = float(tokens["eps_low"].iloc[0]), float(tokens["eps_high"].iloc[0])
-    rel, regions = P.recompute_weights(spec, tokens["ratio"].to_numpy(), tokens["advantage"].to_numpy(),
-                                       eps_low, eps_high)
-    assert np.allclose(rel, tokens["rel_weight"].to_numpy(), rtol=1e-4, atol=1e-5)
+    ratio = tokens["ratio"].to_numpy()
+    rel, regions = P.recompute_weights(spec, ratio, tokens["advantage"].to_numpy(), eps_low, eps_high)
+    # the trainer forms w / r in float32 (for DGPO a power of r, which rounds at up to ~(n + 1) |ln r|
+    # ulps) and dumps float32; the recomputation is float64 from that same float32 ratio:
+    # 16 eps32 (1 + |ln r|) of |rel| (measured: 1.4 eps32 on the DGPO run, 0 on GRPO's 0 / 1 weights)
+    assert np.allclose(rel, tokens["rel_weight"].to_numpy(), rtol=0,
+                       atol=16 * EPS32 * (1 + np.abs(np.log(ratio))) * np.abs(rel))
     assert (regions == tokens["region"].to_numpy()).mean() > 0.999     # float32 ratios at the boundary
 
 
@@ -210,7 +229,8 @@ def test_joint_figure_has_log_axes_bounds_and_all_regions(which, request):
     labels = {t.split()[0]: float(t.split()[1].rstrip("%")) for t in texts}
     assert set(labels) == {"M", "LN", "HP", "LP", "HN"}
     for region in ("LN", "HP", "LP", "HN"):
-        assert labels[region] == pytest.approx((tokens["region"] == region).mean() * 100, abs=0.051)
+        # the label prints the share with one decimal (<= 0.05 off), plus a few ulps of a float64 <= 100
+        assert labels[region] == pytest.approx((tokens["region"] == region).mean() * 100, abs=0.05 + 8 * EPS64 * 100)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -321,7 +341,9 @@ def test_curves_figure_plots_the_smoothed_metrics(run_dir, second_run_dir):
             for v in df[metric]:
                 acc, norm = 0.6 * acc + 0.4 * v, 0.6 * norm + 0.4
                 want.append(acc / norm)
-            assert np.allclose(lines[label].get_ydata(), want)
+            # the same float64 EMA (2 roundings a step, and a division) in another hand: over len(df)
+            # steps of values >= 0 that is <= 4 len(df) eps64 relative
+            assert np.allclose(lines[label].get_ydata(), want, rtol=4 * len(df) * EPS64, atol=0)
             assert np.array_equal(lines[label].get_xdata(), df["step"].to_numpy(dtype=float))
     plt.close(fig)
 
