@@ -112,22 +112,24 @@ def _trainer_probe_logprobs(actor, probe, temperature: float) -> torch.Tensor:
     return logp[0, :len(response)]
 
 
-def _load_problem(transfer: Transfer, reply: SamplerReply) -> str | None:
-    """Why this sampler did not verifiably load what was sent, or None."""
+def _load_problem(transfer: Transfer, reply: SamplerReply) -> tuple[str, str] | None:
+    """(which check, why) this sampler did not verifiably load what was sent, or None."""
     if reply.error is not None:
-        return f"the sampler failed to load the push: {reply.error}"
+        return "load", f"the sampler failed to load the push: {reply.error}"
     report = reply.report
-    missing = [n for n in transfer.names if n not in set(report.names)]
+    sent, loaded = set(transfer.names), set(report.names)
+    missing = [n for n in transfer.names if n not in loaded]
     if missing:
-        return f"the sampler did not load {missing[0]!r} ({len(missing)} of {len(transfer.names)} tensors missing)"
-    extra = [n for n in report.names if n not in set(transfer.names)]
+        return "names", f"the sampler did not load {missing[0]!r} ({len(missing)} of {len(transfer.names)} tensors missing)"
+    extra = [n for n in report.names if n not in sent]
     if extra:
-        return f"the sampler loaded {extra[0]!r}, which was not sent"
+        return "names", f"the sampler loaded {extra[0]!r}, which was not sent"
     if report.unmatched:
-        return (f"the sampler's loader matched no pushed tensor to its parameter {report.unmatched[0]!r} "
-                f"({len(report.unmatched)} unmatched)")
+        return "names", (f"the sampler's loader matched no pushed tensor to its parameter {report.unmatched[0]!r} "
+                         f"({len(report.unmatched)} unmatched)")
     if report.digest != transfer.digest:
-        return "the digest of what the sampler loaded differs from the digest of what was sent (corrupted in transit?)"
+        return "digest", ("the digest of what the sampler loaded differs from the digest of what was sent "
+                          "(corrupted in transit?)")
     return None
 
 
@@ -141,7 +143,7 @@ def verify_push(transfer: Transfer, actor, probe, cfg: Config) -> tuple[dict, st
     metrics = dict(transfer.metrics)
     metrics["sync/checksum_ok"] = float(all(r.report is not None and r.report.digest == transfer.digest
                                             for r in transfer.replies))
-    metrics["sync/names_ok"] = float(all(p is None or "digest" in p for p in problems))
+    metrics["sync/names_ok"] = float(all(p is None or p[0] == "digest" for p in problems))
     gap = -1.0
     if probe is not None:
         t0 = time.perf_counter()
@@ -151,7 +153,7 @@ def verify_push(transfer: Transfer, actor, probe, cfg: Config) -> tuple[dict, st
             if reply.probe_logprobs is not None:
                 gap = max(gap, probe_gap(reply.probe_logprobs[:len(probe[1])], trainer_lp))
     metrics["sync/probe_abs_diff"] = gap
-    return metrics, next((p for p in problems if p is not None), None)
+    return metrics, next((p[1] for p in problems if p is not None), None)
 
 
 def verified_push(placement, actor, probe, cfg: Config, ctx) -> dict:
