@@ -4,9 +4,11 @@
                overrides of tests/engine_helpers.py (fp32, 12 new tokens, the digit_fraction test
                reward, token dumps every step), GRPO, 3 steps, checkpoints at steps 2 and 3,
                final/ exported. The launcher tests and every tool test read this one run.
-`second_real_run`  the same setup with DGPO on 1 rank for 2 steps, groups of 2, launched by
-               tools/compare_losses.py through the deepspeed launcher (the tool's real train
-               command): the second run of the overlay and side-by-side figures.
+`second_real_run`  the same setup with DGPO on 1 rank for 2 steps, groups of 2, on the random
+               tiny Llama (tests/conftest.py `tiny_model_dir`: the tool's path, not the model, is
+               under test; ~40 s instead of ~120 s), launched by tools/compare_losses.py through
+               the deepspeed launcher (the tool's real train command): the second run of the
+               overlay and side-by-side figures.
 `run_dir` / `second_run_dir`  their output directories (what the tool tests take).
 
 `clone_run(src, dst)` gives a test its own copy to change (e.g. to resume it): files over 1 MiB
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import REPO, TINY, launcher_prefix, read_metrics, run_env, run_training
+from tests.engine_helpers import REPO, TINY, launcher_prefix, on_tiny_model, read_metrics, run_env, run_training
 
 KEEP_ENV = "RLENGINE_TEST_KEEP_RUNS"
 FIRST_STEPS, SECOND_STEPS = 3, 2
@@ -115,7 +117,7 @@ def train_first_run(root: Path) -> RealRun:
     return RealRun(out, root, r.stdout + r.stderr, seconds)
 
 
-def train_second_run(root: Path) -> RealRun:
+def train_second_run(root: Path, overrides: list[str]) -> RealRun:
     """DGPO (configs/dgpo.yaml's loss section), 1 rank, run by tools/compare_losses.py whose
     --launcher is the deepspeed launcher."""
     out = root / "cmp"
@@ -123,7 +125,7 @@ def train_second_run(root: Path) -> RealRun:
     launcher = " ".join(shlex.quote(x) for x in launcher_prefix(root, 1))
     cmd = [sys.executable, str(REPO / "tools" / "compare_losses.py"), "--losses", "dgpo",
            "--steps", str(SECOND_STEPS), "--out", str(out), "--last-k", "2", "--launcher", launcher]
-    for override in SECOND_OVERRIDES:
+    for override in overrides:
         cmd += ["--set", override]
     t0 = time.time()
     r = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
@@ -142,10 +144,11 @@ def real_run(tmp_path_factory) -> RealRun:
 
 
 @pytest.fixture(scope="session")
-def second_real_run(tmp_path_factory) -> RealRun:
+def second_real_run(tmp_path_factory, tiny_model_dir) -> RealRun:
     root = _root(tmp_path_factory, "second_real_run")
-    recipe = {"nproc": 1, "losses": "dgpo", "steps": SECOND_STEPS, "overrides": SECOND_OVERRIDES}
-    return _reuse(root, recipe) or _remember(train_second_run(root), recipe)
+    overrides = SECOND_OVERRIDES + on_tiny_model(tiny_model_dir)
+    recipe = {"nproc": 1, "losses": "dgpo", "steps": SECOND_STEPS, "overrides": overrides}
+    return _reuse(root, recipe) or _remember(train_second_run(root, overrides), recipe)
 
 
 @pytest.fixture(scope="session")

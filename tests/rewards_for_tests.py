@@ -30,3 +30,10 @@ def digits_and_brevity(text: str, ground_truth: str) -> dict[str, float]:
 def nan_when_long(text: str, ground_truth: str) -> float:
     """A broken reward: NaN for any response over 5 characters."""
     return float("nan") if len(text) > 5 else 0.0
+
+
+def vowel_fraction(text: str, ground_truth: str) -> float:
+    """Fraction of the response's letters that are vowels: what varies within every group of the
+    random tiny model (tests/conftest.py `tiny_model_dir`), whose tokens are almost never digits."""
+    letters = [ch for ch in text.lower() if ch.isalpha()]
+    return sum(ch in "aeiou" for ch in letters) / max(1, len(letters))

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from tests.engine_helpers import (EPS32, EPS64, FRAC_SUM_TOL, TINY, fp32_logprob_tol, ratio_left_one, read_metrics,
-                                  run_training)
+from tests.engine_helpers import (EPS32, EPS64, FRAC_SUM_TOL, TINY, fp32_logprob_tol, on_tiny_model, ratio_left_one,
+                                  read_metrics, run_training)
 from tests.real_runs import FIRST_OVERRIDES, clone_run
 
 REQUIRED = ["step", "reward/mean", "loss", "eur", "frac_M", "frac_LN", "frac_HP", "frac_LP", "frac_HN",
@@ -77,20 +77,25 @@ def test_resume_continues(real_run, tmp_path):
     assert [x["data/draws"] for x in rows] == [2, 4, 6, 8]
 
 
-def test_separate_placement_one_trainer_one_rollout_rank(tmp_path):
+def test_separate_placement_one_trainer_one_rollout_rank(tmp_path, tiny_model_dir):
     """`launch/hosts`-style 2 slots: rank 0 trains (ZeRO-3 group of one), rank 1 is a rollout rank
-    with the HF sampler; weights go over the dedicated gloo group in checksummed buckets."""
+    with the HF sampler; weights go over the dedicated gloo group in checksummed buckets. The random
+    tiny Llama of tests/conftest.py (3.2M parameters, 12.7 MB in fp32) in 1 MB buckets: the path is
+    the embedded model's, at a thirtieth of the cost (tests/test_engine_vllm.py sends the 135M one)."""
+    from transformers import AutoModelForCausalLM
+
+    fp32_bytes = 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     out = tmp_path / "run"
-    r = run_training(tmp_path, 2, TINY + [f"run.output_dir={out}", "run.total_steps=2",
-                                          "rollout.placement=separate", "rollout.num_ranks=1",
-                                          "rollout.bucket_mb=16", "run.export_final=false"])
+    r = run_training(tmp_path, 2, TINY + on_tiny_model(tiny_model_dir) + [
+        f"run.output_dir={out}", "run.total_steps=2", "rollout.placement=separate", "rollout.num_ranks=1",
+        "rollout.bucket_mb=1", "run.export_final=false"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     rows = read_metrics(out)
     assert [x["step"] for x in rows] == [1, 2]
     for row in rows:
         assert row["sync/checksum_ok"] == 1.0
-        assert row["sync/num_buckets"] >= 538_060_032 // (16 << 20)   # the fp32 model in 16 MB buckets
-        assert row["sync/bytes"] == 538_060_032
+        assert row["sync/num_buckets"] >= fp32_bytes // (1 << 20)     # the fp32 model in 1 MB buckets
+        assert row["sync/bytes"] == fp32_bytes
         assert row["sync/probe_abs_diff"] < fp32_logprob_tol()         # the rollout rank holds the new weights
     assert any(ratio_left_one(x) for x in rows)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"

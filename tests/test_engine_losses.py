@@ -1,9 +1,11 @@
-"""The new losses and a plug-in loss train the embedded default through the real launcher.
+"""The new losses and a plug-in loss train through the real launcher, from the shipped overlays.
 
 One trainer rank (ZeRO-3 group of one), fp32, 2 steps of 2 prompts x 4 samples, two passes over
-each batch (so the second pass sees ratios off 1), short prompts (no system prompt) to keep each
-run near a minute on 2 cores. The overlays are the shipped ones: configs/default.yaml +
-configs/losses/<name>.yaml, as the docs print them.
+each batch (so the second pass sees ratios off 1). The model is the random tiny Llama with the
+embedded tokenizer (tests/conftest.py `tiny_model_dir`): what is tested is the loss's wiring
+through config, engine and metrics, and each loss's math is tested against its closed form in
+tests/test_losses*.py; the embedded 135M model took ~120 s a run here, the tiny one ~38 s (mostly
+start-up). The overlays are the shipped ones: configs/default.yaml + configs/losses/<name>.yaml.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import math
 import pytest
 
 from rlengine.losses import REGIONS
-from tests.engine_helpers import EPS32, FRAC_SUM_TOL, REPO, TINY, ratio_left_one, read_metrics, run_training
+from tests.engine_helpers import (EPS32, FRAC_SUM_TOL, REPO, TINY, on_tiny_model, ratio_left_one, read_metrics,
+                                  run_training)
 
 QUICK = TINY + ["run.total_steps=2", "run.export_final=false", "run.tensorboard=false", "run.token_dump_every=0",
                 "data.system_prompt=none"]
@@ -35,9 +38,9 @@ def check_trained(r, out, loss_name):
 
 @pytest.mark.parametrize("overlay, loss_name", [("gspo", "gspo"), ("gspo_token", "gspo_token"), ("gmpo", "gmpo"),
                                                 ("dppo", "dppo"), ("aspo_top_entropy", "aspo")])
-def test_new_loss_trains_the_embedded_default(tmp_path, overlay, loss_name):
+def test_new_loss_trains_through_the_engine(tmp_path, tiny_model_dir, overlay, loss_name):
     out = tmp_path / "run"
-    r = run_training(tmp_path, 1, QUICK + [f"run.output_dir={out}"],
+    r = run_training(tmp_path, 1, QUICK + on_tiny_model(tiny_model_dir) + [f"run.output_dir={out}"],
                      config=["configs/default.yaml", f"configs/losses/{overlay}.yaml"])
     rows = check_trained(r, out, loss_name)
     if loss_name in ("gspo", "gspo_token"):
@@ -59,12 +62,12 @@ def scaled_is(ctx, *, eps_low=0.2, eps_high=0.2, scale=2.0):
 '''
 
 
-def test_plugin_loss_trains_from_the_config(tmp_path):
+def test_plugin_loss_trains_from_the_config(tmp_path, tiny_model_dir):
     """Also the reward and data lines of metrics.jsonl: a reward with two declared parts, and a
     prompt-length limit that drops some of the bundled prompts (60 tokens: 543 of the 3000 measured)."""
     (tmp_path / "lab_losses.py").write_text(PLUGIN)
     out = tmp_path / "run"
-    r = run_training(tmp_path, 1, QUICK + [f"run.output_dir={out}", "loss.name=lab_losses:scaled_is",
+    r = run_training(tmp_path, 1, QUICK + on_tiny_model(tiny_model_dir) + [f"run.output_dir={out}", "loss.name=lab_losses:scaled_is",
                                            "loss.scale=3.0", "reward.name=tests.rewards_for_tests:digits_and_brevity",
                                            "data.max_prompt_tokens=60"], pythonpath=str(tmp_path))
     rows = check_trained(r, out, "lab_losses:scaled_is")

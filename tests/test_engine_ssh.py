@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import REPO, TINY, free_port, read_metrics, run_env
+from tests.engine_helpers import REPO, TINY, free_port, on_tiny_model, read_metrics, run_env
 
 
 @pytest.mark.skipif(shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists(),
                     reason="needs openssh-server (bash tools/install.sh --tests, or apt-get install openssh-server)")
-def test_plain_hostfile_launch_through_sshd(tmp_path):
+def test_plain_hostfile_launch_through_sshd(tmp_path, tiny_model_dir):
     """`deepspeed --hostfile hosts rlengine/train.py`, no --no_ssh: the launcher's ssh check and the
-    multi-node code path go through a real sshd on 127.0.0.1 with a throwaway key."""
+    multi-node code path go through a real sshd on 127.0.0.1 with a throwaway key. The random tiny
+    Llama of tests/conftest.py: the launch path does not depend on the model."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     d = tmp_path / "ssh"
     d.mkdir()
@@ -48,7 +49,7 @@ def test_plain_hostfile_launch_through_sshd(tmp_path):
         # the README's plain form, literally: the `deepspeed` script and the shipped launch/hosts
         cmd = [shutil.which("deepspeed", path=env["PATH"]) or "deepspeed", "--hostfile", "launch/hosts",
                "--master_port", str(free_port()), "rlengine/train.py", "--config", "configs/default.yaml",
-               *TINY, f"run.output_dir={out}", "run.total_steps=2"]
+               *TINY, *on_tiny_model(tiny_model_dir), f"run.output_dir={out}", "run.total_steps=2"]
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
         assert [x["step"] for x in read_metrics(out)] == [1, 2]

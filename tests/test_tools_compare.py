@@ -140,7 +140,7 @@ def test_compare_trains_a_real_run_through_the_deepspeed_launcher(second_real_ru
     resolved = yaml.safe_load((run / "config.yaml").read_text())          # what the trainer ran with
     assert resolved["loss"]["name"] == "dgpo" and resolved["loss"]["n"] == 2.0
     assert resolved["run"]["total_steps"] == 2 and resolved["run"]["output_dir"] == str(run)
-    assert resolved["reward"]["name"] == "tests.rewards_for_tests:digit_fraction"   # a --set override
+    assert resolved["reward"]["name"] == "tests.rewards_for_tests:vowel_fraction"   # a --set override
     row = _summary(out)["dgpo"]
     assert row["status"] == "ok"
     _assert_row_matches_the_run(row, run, last_k=2)
