@@ -4,7 +4,8 @@
         wraps the launch a user would otherwise type:
         deepspeed --hostfile launch/hosts --no_ssh --node_rank 0 --master_addr 127.0.0.1 \\
                   rlengine/train.py --config ... (one box); with --hostfile of several nodes
-        the plain multi-node form (ssh / pdsh) is used.
+        the plain multi-node form (ssh / pdsh) is used, after checking pdsh and ssh to every
+        host and picking the interface gloo / NCCL use on every node (rlengine/hosts.py).
     rlengine list      the registered losses, gates, rewards, dataset presets
     rlengine config    print the resolved config (same arguments as train)
 """
@@ -20,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+SSH_KEEPALIVE = "-o ServerAliveInterval=5 -o ServerAliveCountMax=3"
 
 
 def _free_port() -> int:
@@ -28,18 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _hosts(hostfile: str) -> list[str]:
-    names = []
-    for line in Path(hostfile).read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            names.append(line.split()[0])
-    return names
-
-
 def launch_command(config: str | list[str] | None, overrides: list[str], nproc: int, hostfile: str | None,
-                   master_port: int | None = None) -> list[str]:
-    """The deepspeed launcher line for one box (no ssh) or for the nodes of a hostfile."""
+                   master_port: int | None = None, check: bool = True) -> list[str]:
+    """The deepspeed launcher line for one box (no ssh) or for the nodes of a hostfile; for several
+    nodes, after checking them (`rlengine.hosts`; `check=False` skips it, for --dry-run)."""
+    from rlengine.hosts import check_hosts, pick_socket_interface, read_hostfile
+
     ds = shutil.which("deepspeed")
     launcher = [ds] if ds else [sys.executable, "-m", "deepspeed.launcher.runner"]
     port = str(master_port or _free_port())
@@ -49,11 +45,15 @@ def launch_command(config: str | list[str] | None, overrides: list[str], nproc: 
         hostfile = str(tmp)
     elif not Path(hostfile).is_file():
         raise FileNotFoundError(f"hostfile not found: {hostfile}")
-    hosts = _hosts(hostfile)
+    hosts = read_hostfile(hostfile)
     one_box = all(h in ("localhost", "127.0.0.1", socket.gethostname()) for h in hosts)
     cmd = launcher + ["--hostfile", hostfile, "--master_port", port]
     if one_box:
         cmd += ["--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
+    elif check:
+        check_hosts(hosts)
+        if not any(o.startswith("run.socket_ifname=") for o in overrides):
+            overrides = list(overrides) + [f"run.socket_ifname={pick_socket_interface(hosts)}"]
     cmd += [str(TRAIN_SCRIPT)]
     for path in [config] if isinstance(config, str) else (config or []):
         cmd += ["--config", path]
@@ -106,9 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "config":
         print(to_yaml(cfg), end="")
         return 0
+    from rlengine.hosts import HostCheckError
+
     try:
-        cmd = launch_command(args.config, args.overrides, args.nproc, args.hostfile, args.master_port)
-    except FileNotFoundError as e:
+        cmd = launch_command(args.config, args.overrides, args.nproc, args.hostfile, args.master_port,
+                             check=not args.dry_run)
+    except (FileNotFoundError, HostCheckError) as e:
         print(f"rlengine: {e}", file=sys.stderr)
         return 2
     print("rlengine: " + " ".join(cmd), flush=True)
@@ -116,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(TRAIN_SCRIPT.parent.parent))
+    # pdsh's ssh to a node whose link died would wait for TCP's own give-up (many minutes):
+    # ssh's keep-alives end it within 3 x 5 s (what the multi-node link-down test measures)
+    env.setdefault("PDSH_SSH_ARGS_APPEND", SSH_KEEPALIVE)
     return subprocess.call(cmd, env=env)
 
 

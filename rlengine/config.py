@@ -57,6 +57,12 @@ class RunConfig:
     token_dump_max: int = _opt(20000, "tokens per dump at most", ge=1)
     max_bad_steps: int = _opt(5, "stop after this many consecutive non-finite loss/grad steps", ge=1)
     export_final: bool = _opt(True, "save_pretrained the policy into <output_dir>/final at the end")
+    socket_ifname: Optional[str] = _opt(None, "network interface of gloo's (and NCCL's) sockets on every node, e.g. "
+                                              "eth0; needed where a host name resolves to a loopback address; "
+                                              "`rlengine train --hostfile` picks it")
+    collective_timeout_s: float = _opt(1800.0, "timeout of every process group (rlengine's and DeepSpeed's): a rank "
+                                               "waiting longer for a peer (hung, or behind a dead link) ends the run "
+                                               "(exit code 5); must exceed rollout.generate_timeout_s", gt=0)
 
 
 @dataclass
@@ -109,6 +115,8 @@ class RolloutConfig:
     dtype: Optional[Literal["auto", "fp32", "bf16"]] = _opt(None, "sampler precision (default: model.dtype)")
     bucket_mb: int = _opt(16, "weight-broadcast bucket size (16 MB measured fastest on CPU gloo)", ge=1)
     sync_timeout_s: float = _opt(300.0, "a weight push (broadcast + the sampler loading it) that takes longer is an error", gt=0)
+    generate_timeout_s: float = _opt(1200.0, "a sampler call (a step's generation, a weight load, a probe) that takes "
+                                             "longer, or a spawned vLLM engine that dies, ends the run (exit code 5)", gt=0)
     probe_threshold: Optional[float] = _opt(None, "a sampler/trainer log-prob gap above this after a push means the "
                                                   "sampler does not hold the trainer's weights (None: 0.005 in fp32, "
                                                   "0.1 when either side is bf16)", ge=0)
@@ -298,6 +306,11 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError("config key 'rollout.num_ranks': placement=separate needs at least 1 rollout rank")
     if r.placement == "colocated" and r.num_ranks != 0:
         raise ConfigError("config key 'rollout.num_ranks': only used with rollout.placement=separate (set it to 0)")
+    if cfg.run.collective_timeout_s <= max(r.generate_timeout_s, r.sync_timeout_s):
+        # the other ranks wait in a collective while one rank generates or loads weights
+        raise ConfigError(f"config key 'run.collective_timeout_s': {cfg.run.collective_timeout_s:g} must exceed "
+                          f"rollout.generate_timeout_s ({r.generate_timeout_s:g}) and rollout.sync_timeout_s "
+                          f"({r.sync_timeout_s:g}): ranks wait in a collective while a sampler works")
     mb = cfg.train.mini_batch_prompts
     if mb is not None and r.prompts_per_step % mb != 0:
         raise ConfigError(f"config key 'train.mini_batch_prompts': {mb} must divide rollout.prompts_per_step "

@@ -30,6 +30,7 @@ class DistContext:
     sync_group: object = None             # trainer rank 0 + rollout ranks (separate placement)
     backend: str = "gloo"
     threads: int = 1
+    world: list = None                    # every rank's {"rank", "role", "address"} (world_map)
 
     @property
     def is_trainer(self) -> bool:
@@ -51,6 +52,7 @@ class DistContext:
 def init_distributed(cfg: Config) -> DistContext:
     """Detect the accelerator, size the thread pools, start torch.distributed (env:// as set by
     the deepspeed launcher; a single process without launcher gets world size 1)."""
+    from rlengine.network import configure_sockets
     from rlengine.runtime import clear_stale_build_locks, configure_process, detect_accelerator, dist_backend
 
     accel = detect_accelerator()
@@ -62,12 +64,16 @@ def init_distributed(cfg: Config) -> DistContext:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     backend = dist_backend()
+    configure_sockets(cfg.run.socket_ifname)
     for line in clear_stale_build_locks():   # DeepSpeed JIT-builds its C++ ops below and in initialize()
         print(line, file=sys.stderr, flush=True)
     import deepspeed
 
+    from rlengine.patches import default_group_timeout
+
+    default_group_timeout(cfg.run.collective_timeout_s)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.run.collective_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if accel == "cpu":
         release_deepspeed_shm(rank, world)
@@ -86,13 +92,17 @@ def init_distributed(cfg: Config) -> DistContext:
     ctx = DistContext(rank, world, local_rank, trainer_ranks, rollout_ranks, backend=backend, threads=threads)
     if rollout_ranks:
         # new_group is collective over the world: every rank creates both groups in the same order
-        ctx.trainer_group = dist.new_group(trainer_ranks)
+        ctx.trainer_group = dist.new_group(trainer_ranks, timeout=timedelta(seconds=cfg.run.collective_timeout_s))
         ctx.sync_group = dist.new_group([0] + rollout_ranks,
                                         timeout=timedelta(seconds=cfg.rollout.sync_timeout_s))
         if rank in trainer_ranks:
             from rlengine.patches import confine_deepspeed_to
 
             confine_deepspeed_to(ctx.trainer_group)
+    ctx.world = world_map(ctx)
+    if ctx.is_main:
+        print("rlengine: world: " + ", ".join(f"rank {w['rank']} {w['role']} @ {w['address']}" for w in ctx.world),
+              flush=True)
     n_trainers = len(trainer_ranks)
     if cfg.rollout.prompts_per_step % n_trainers:
         raise RuntimeError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the "
@@ -102,6 +112,19 @@ def init_distributed(cfg: Config) -> DistContext:
         raise RuntimeError(f"train.mini_batch_prompts={mb} must be divisible by the number of trainer ranks "
                            f"({n_trainers})")
     return ctx
+
+
+def world_map(ctx: DistContext) -> list[dict]:
+    """Every rank's role and the address its sockets use (one all_gather at start-up): which
+    node did what, for the log and `<output_dir>/world.json`."""
+    from rlengine.network import my_address
+
+    mine = {"rank": ctx.rank, "role": "trainer" if ctx.is_trainer else "rollout", "address": my_address()}
+    if ctx.world_size == 1:
+        return [mine]
+    everyone: list = [None] * ctx.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
 
 
 def deepspeed_shm_path(rank: int) -> Path:

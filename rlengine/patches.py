@@ -4,6 +4,9 @@ DeepSpeed 0.19.8:
   * `confine_deepspeed_to(group)`: DeepSpeed's world-group collectives go to the trainer ranks only
     (placement=separate puts rollout ranks in the launched world).
   * `deepspeed_arch_list(...)`: a `TORCH_CUDA_ARCH_LIST` its JIT op builder can parse.
+torch 2.13:
+  * `default_group_timeout(seconds)`: the timeout of every process group created without one
+    (DeepSpeed's own groups among them), which torch otherwise fixes at 30 minutes.
 vLLM 0.32.0: its patches stay in `rlengine/rollout/vllm_sampler.py`, the one module that imports
 vLLM (a module-level rule this project keeps): `RlengineWorkerExtension` (in-place reload that
 reports matched parameters, the tied lm_head repack on CPU, the shm queue spin), and the restored
@@ -11,7 +14,21 @@ RNG states and `torch.set_num_threads` after an in-process engine starts.
 """
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch.distributed as dist
+
+
+def default_group_timeout(seconds: float) -> None:
+    """Make `seconds` the timeout of every process group created without an explicit one.
+
+    `new_group(timeout=None)` takes torch's module default (30 min, NCCL's 10 min), not the
+    world group's: DeepSpeed's groups, and any a library creates, would wait 30 minutes for a
+    dead peer whatever `run.collective_timeout_s` says."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timedelta(seconds=seconds)
+    c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
 
 
 def confine_deepspeed_to(group) -> None:

@@ -85,6 +85,15 @@ def build_local_sampler(cfg: Config, model_path: str, tokenizer) -> Sampler:
     return build_sampler(cfg.rollout.backend, model_path, dtype=dtype, tokenizer=tokenizer, device=local_device())
 
 
+def sampler_deadline(cfg: Config, sampler: Sampler, call: str):
+    """Every sampler call is bounded: past rollout.generate_timeout_s, or once the sampler reports
+    itself dead (a spawned vLLM engine gone), this rank stops with one line (rlengine/watchdog.py)."""
+    from rlengine.watchdog import deadline
+
+    return deadline(f"sampler {call} ({cfg.rollout.backend})", cfg.rollout.generate_timeout_s,
+                    "rollout.generate_timeout_s", check=sampler.health)
+
+
 def make_placement(cfg: Config, ctx, model_path: str, tokenizer) -> Placement:
     if cfg.rollout.placement == "separate":
         return Separate(cfg, ctx)
@@ -205,7 +214,8 @@ class Colocated:
         self.cfg, self.ctx, self.sampler = cfg, ctx, sampler
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Generation:
-        return self.sampler.generate(prompts, n, sampling)
+        with sampler_deadline(self.cfg, self.sampler, "generate"):
+            return self.sampler.generate(prompts, n, sampling)
 
     def push(self, actor, probe=None) -> dict:
         return verified_push(self, actor, probe, self.cfg, self.ctx)
@@ -216,12 +226,14 @@ class Colocated:
         stream, digest = digesting(actor.named_parameters_gathered())
         names = [spec.name for spec in stream.manifest]
         try:
-            report, metrics = local_push(self.sampler, stream)
+            with sampler_deadline(self.cfg, self.sampler, "weight load"):
+                report, metrics = local_push(self.sampler, stream)
         except (WeightSyncError, ValueError) as e:
             return Transfer(names, digest.value, [SamplerReply(None, error=str(e))])
         t0 = time.perf_counter()
-        logprobs = (self.sampler.score(probe[0], probe[1], temperature=self.cfg.rollout.temperature)
-                    if probe is not None else None)
+        with sampler_deadline(self.cfg, self.sampler, "probe score"):
+            logprobs = (self.sampler.score(probe[0], probe[1], temperature=self.cfg.rollout.temperature)
+                        if probe is not None else None)
         metrics["sync/probe_sampler_seconds"] = time.perf_counter() - t0
         return Transfer(names, digest.value, [SamplerReply(report, logprobs)], metrics)
 
@@ -331,11 +343,13 @@ def serve(cfg: Config, ctx) -> int:
                 dist.all_gather_object(everyone, None)
                 prompts = [p for r in ctx.trainer_ranks for p in everyone[r]]
                 lo, hi = _split(len(prompts), len(ctx.rollout_ranks), my_index)
-                gen = sampler.generate(prompts[lo:hi], cmd["n"], cmd["sampling"])
+                with sampler_deadline(cfg, sampler, "generate"):
+                    gen = sampler.generate(prompts[lo:hi], cmd["n"], cmd["sampling"])
                 gen.prompt_index = [i + lo for i in gen.prompt_index]
                 dist.all_gather_object([None] * ctx.world_size, gen)
             elif cmd["op"] == "sync":
-                reply = _receive_push(bcast, sampler, cmd.get("probe"), cfg.rollout.temperature)
+                with sampler_deadline(cfg, sampler, "weight load"):
+                    reply = _receive_push(bcast, sampler, cmd.get("probe"), cfg.rollout.temperature)
                 dist.all_gather_object([None] * ctx.world_size, reply)
     finally:
         sampler.close()

@@ -10,6 +10,7 @@ Every phase is named and timed (`time/<phase>` in metrics.jsonl); docs/architect
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -110,14 +111,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rlengine.distributed import barrier, init_distributed
     from rlengine.placement import PushFailure
+    from rlengine.watchdog import collective_failure, stop_now
 
-    ctx = init_distributed(cfg)
-    warn_emulated_bf16(cfg, ctx.is_main)
-    if not ctx.is_trainer:
-        from rlengine.placement import serve
+    from rlengine.network import NetworkSetupError
 
-        return serve(cfg, ctx)
     try:
+        ctx = init_distributed(cfg)
+    except NetworkSetupError as e:
+        print(f"rlengine: network set-up: {e}", file=sys.stderr, flush=True)
+        return 2
+    warn_emulated_bf16(cfg, ctx.is_main)
+    try:
+        if not ctx.is_trainer:
+            from rlengine.placement import serve
+
+            return serve(cfg, ctx)
         code = train(cfg, ctx)
     except (TrainingStopped, PushFailure) as e:  # every trainer rank stops at the same step
         if ctx.is_main:
@@ -126,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     except RewardError as e:      # this rank's samples only: exit now, the launcher stops the others
         print(f"rlengine: training stopped: {e}", file=sys.stderr, flush=True)
         return 4
+    except Exception as e:
+        if (why := collective_failure(e)) is None:
+            raise
+        # a peer died or hangs: say so once and go, without a clean-up that would wait on it again
+        stop_now(f"a collective with the other ranks failed: {why}")
     # no barrier after an exception: a rank that raised exits at once with its traceback and the
     # launcher stops the others (a barrier there hung forever beside a rank inside a collective)
     barrier()
@@ -187,6 +200,7 @@ def build(cfg: Config, ctx) -> Run:
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        (out_dir / "world.json").write_text(json.dumps(ctx.world, indent=1))
     return Run(cfg, ctx, tokenizer, build_prompt_stream(cfg.data, tokenizer),
                RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s), get_reward(cfg.reward.name).parts,
                LOSSES.build(cfg.loss.name, **cfg.loss.params), actor, ref,

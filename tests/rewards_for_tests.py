@@ -37,3 +37,12 @@ def vowel_fraction(text: str, ground_truth: str) -> float:
     random tiny model (tests/conftest.py `tiny_model_dir`), whose tokens are almost never digits."""
     letters = [ch for ch in text.lower() if ch.isalpha()]
     return sum(ch in "aeiou" for ch in letters) / max(1, len(letters))
+
+
+def hangs(text: str, ground_truth: str) -> float:
+    """A reward that never returns (a verifier stuck on a pathological answer): the pool must kill
+    it at reward.timeout_s."""
+    import threading
+
+    threading.Event().wait()
+    return 1.0

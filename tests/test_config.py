@@ -35,6 +35,8 @@ def test_defaults_and_overrides():
     (["loss.agg=mean"], ["loss.agg", "token-mean"]),
     (["data.mixture=[{preset: gsm8k, wieght: 1}]"], ["data.mixture.0.wieght", "did you mean 'weight'"]),
     (["rollout.placement=separate"], ["rollout.num_ranks"]),
+    (["run.collective_timeout_s=600"], ["run.collective_timeout_s", "rollout.generate_timeout_s (1200)"]),
+    (["run.collective_timeout_s=100", "rollout.generate_timeout_s=50"], ["run.collective_timeout_s", "rollout.sync_timeout_s (300)"]),
     (["reward.name=answer_fromat"], ["reward.name", "answer_format"]),
     (["reward.name=no_such_module:fn"], ["reward.name", "no_such_module"]),
     (["data.preset=gsm8"], ["data.preset", "did you mean 'gsm8k'"]),

@@ -326,3 +326,64 @@ def test_streamed_push_into_a_spawned_engine_and_a_refused_one_loads_nothing(emb
     assert out["refused"] is not None and repr(out["name"]) in out["refused"]
     assert out["gap_after_refusal"] < LOGPROB_TOL       # nothing of the refused push was loaded
     assert out["files_left"] == []                       # this process's staged files are gone
+
+
+_GENERATING = """
+import psutil, sys, time
+from rlengine.rollout.base import SamplingParams
+from rlengine.rollout.vllm_sampler import VLLMSampler
+from rlengine.watchdog import deadline
+
+if __name__ == "__main__":  # vLLM spawns its engine: the main module must be importable
+    sampler = VLLMSampler(sys.argv[1], dtype="fp32", kv_cache_gb=0.25, max_model_len=256, in_process=False,
+                          num_threads=1)
+    print("ENGINE", " ".join(str(p.pid) for p in sampler._engine_processes), flush=True)
+    while True:   # what a colocated rank does each step (placement.sampler_deadline)
+        with deadline("sampler generate (vllm)", 600, "rollout.generate_timeout_s", check=sampler.health):
+            sampler.generate([[1, 2, 3, 4]] * 4, 4, SamplingParams(max_new_tokens=64))
+"""
+
+
+def test_a_killed_engine_ends_its_owner_in_one_line(embedded_model_dir, tmp_path):
+    """The fault that hung a 2-rank vLLM run for good (a rank blocked in vLLM's client waiting for
+    its killed engine): the deadline around each call polls the engine process every second, so the
+    owner ends with exit code 5 and names the process, whether vLLM blocks or raises. Bound: one poll
+    plus vLLM's own reaction, 20 s on a loaded 2-core box."""
+    pytest.importorskip("vllm")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "generating.py"
+    script.write_text(_GENERATING)
+    err_path = tmp_path / "owner.err"
+    with open(err_path, "w") as err_file:
+        owner = subprocess.Popen([sys.executable, str(script), embedded_model_dir], stdout=subprocess.PIPE,
+                                 stderr=err_file, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": "1"})
+    try:
+        line, deadline = "", time.monotonic() + 300
+        while not line.startswith("ENGINE ") and time.monotonic() < deadline:   # vLLM logs to stdout too
+            line = owner.stdout.readline()
+            if not line and owner.poll() is not None:
+                break
+        assert line.startswith("ENGINE "), (line, owner.poll(), err_path.read_text()[-3000:])
+        engine = [int(p) for p in line.split()[1:]]
+        assert engine, "vLLM's engine-core process was not found (rlengine.rollout.vllm_sampler._engine_processes)"
+        time.sleep(2)                                  # mid-generate
+        t0 = time.monotonic()
+        os.kill(engine[0], signal.SIGKILL)
+        owner.stdout.read()                             # drain: vLLM may still log while it dies
+        owner.wait(timeout=120)
+        took = time.monotonic() - t0
+        err = err_path.read_text()
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    print(f"measured: the owner ended {took:.1f} s after its engine was killed")   # pytest -s
+    assert owner.returncode == 5, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("rlengine: training stopped:")]
+    assert lines == [f"rlengine: training stopped: rank 1 on {__import__('socket').gethostname()}: sampler "
+                     f"generate (vllm): the spawned vLLM engine process {engine[0]} is gone (exit code -9)"], err[-3000:]
+    assert took < 20, took

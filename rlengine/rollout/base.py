@@ -76,6 +76,11 @@ class Sampler(ABC):
         """log_softmax(logits / T) the sampler assigns to `response_ids` after `prompt_ids` (the sync
         probe): the full distribution, no top-p."""
 
+    def health(self) -> str | None:
+        """None while the sampler can answer; otherwise why it cannot (polled by the deadline that
+        guards each call, rlengine/watchdog.py). In-process samplers cannot die apart from us."""
+        return None
+
     def sleep(self) -> None:
         """Free generation memory (KV cache) while the trainer runs; no-op where unsupported."""
 

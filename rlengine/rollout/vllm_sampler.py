@@ -290,6 +290,7 @@ class VLLMSampler(Sampler):
                     os.environ["OMP_NUM_THREADS"] = saved_omp
         from vllm.platforms import current_platform
 
+        self._engine_processes = [] if in_process else _engine_processes(self.llm)
         if not in_process:
             self.llm.collective_rpc("rlengine_exit_with", args=(os.getpid(),))
         # spin-wait in the engine only while generating, and only on CPU (see rlengine_busy_wait)
@@ -422,6 +423,15 @@ class VLLMSampler(Sampler):
                 os.remove(path)
 
     # ---- memory -----------------------------------------------------------------------------
+    def health(self) -> str | None:
+        """A spawned engine whose process is gone can never answer: vLLM's client would wait for it
+        for ever (measured: a rank blocked in `SyncMPClient.get_output` 8 minutes after the engine
+        was killed), so the deadline around each call polls this."""
+        for proc in getattr(self, "_engine_processes", []):
+            if not proc.is_alive():
+                return f"the spawned vLLM engine process {proc.pid} is gone (exit code {proc.exitcode})"
+        return None
+
     def sleep(self) -> None:
         """Free the KV cache (GPU only; vLLM's CPU platform has no sleep mode, so a no-op there)."""
         if self.sleep_supported and not self._asleep:
@@ -443,6 +453,14 @@ class VLLMSampler(Sampler):
         if shutdown is not None and hasattr(shutdown, "shutdown"):
             shutdown.shutdown()
         del llm
+
+
+def _engine_processes(llm) -> list:
+    """The engine-core processes vLLM 0.32 spawned for `llm` (multiprocessing handles: this process
+    is their parent, so `is_alive()` and `exitcode` work); [] where the layout differs."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    manager = getattr(getattr(client, "resources", None), "engine_manager", None)
+    return list(getattr(manager, "processes", None) or [])
 
 
 WEIGHT_FILE_PREFIX = "rlengine-weights-"
