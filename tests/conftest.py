@@ -4,7 +4,8 @@
 ~20 s the very first time, then cached under `$RLENGINE_CACHE` / `~/.cache/rlengine`).
 `tiny_llama_config`: a random 2-layer Llama config with tied embeddings, for tests that need a real
 transformers model but not real weights (instant to build).
-`tiny_model_dir`: a random 2-layer Llama (hidden 64) with the embedded model's tokenizer and chat
+`tiny_model_dir`: a random 2-layer Llama (hidden 128, head_dim 64: a size vLLM's CPU attention
+takes) with the embedded model's tokenizer and chat
 template, saved once per session: what the engine tests train when they test the engine's
 mechanics (losses, pushes, faults, resume) rather than the embedded model. A step of it takes
 under a second where the 135M embedded model takes ~35 s on 2 cores (tests/engine_helpers.py).
@@ -89,8 +90,8 @@ def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> str:
 
     src = Path(embedded_model_dir)
     config = LlamaConfig.from_pretrained(src)
-    config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, max_position_embeddings=2048))
+    config.update(dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=64, max_position_embeddings=2048))
     out = tmp_path_factory.mktemp("tiny_model")
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)

@@ -14,7 +14,7 @@ import pytest
 
 from rlengine.runtime import (NETWORK_LOCK_GRACE_S, clear_stale_build_locks, extension_build_locks,
                               filesystem_type, lock_holders)
-from tests.engine_helpers import TINY, read_metrics, run_training
+from tests.engine_helpers import TINY, on_tiny_model, read_metrics, run_training
 
 
 def make_lock(root: Path, op: str, age_s: float = 0.0) -> Path:
@@ -66,7 +66,7 @@ def test_network_filesystems_get_a_grace_period(tmp_path, monkeypatch):
     assert not young.exists()
 
 
-def test_a_launch_with_a_stale_lock_in_its_cache_trains(tmp_path, monkeypatch):
+def test_a_launch_with_a_stale_lock_in_its_cache_trains(tmp_path, monkeypatch, tiny_model_dir):
     """The real thing: a copy of this machine's torch-extension cache with a lock left in the build
     directories of the ops a CPU launch JIT-loads (shm comm, CPU Adam), as a launch killed during
     its first build leaves them. Without the check this run waits for a lock for ever (seen: the
@@ -87,7 +87,7 @@ def test_a_launch_with_a_stale_lock_in_its_cache_trains(tmp_path, monkeypatch):
         locks[-1].touch()
     out = tmp_path / "run"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))     # run_training passes the environment on
-    r = run_training(tmp_path, 1, TINY + [f"run.output_dir={out}", "run.total_steps=1", "run.export_final=false",
+    r = run_training(tmp_path, 1, TINY + on_tiny_model(tiny_model_dir) + [f"run.output_dir={out}", "run.total_steps=1", "run.export_final=false",
                                           "data.system_prompt=none", "run.token_dump_every=0"], timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     log = r.stdout + r.stderr
