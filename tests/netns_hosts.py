@@ -78,25 +78,29 @@ class Hosts:
         _ip("link", "set", self.ifname, "up" if up else "down", ns=self.namespaces[host - 1])
 
 
-def _write_ssh(root: Path, names: list[str], addresses: list[str]) -> Path:
-    """Host and user keys, an sshd_config per host, and `bin/ssh` using the test's client config."""
+def write_ssh_setup(root: Path, servers: list[tuple[str, str, int]]) -> Path:
+    """Throwaway host and user keys, `ssh/sshd_<i>` for each (client host pattern, listen address,
+    port) of `servers`, and `bin/ssh`: the real client with the test's config, to put first on
+    PATH (ssh reads ~/.ssh/config from the password database, not $HOME). Returns `root/ssh`."""
     keys = root / "ssh"
-    keys.mkdir()
+    keys.mkdir(parents=True)
     for key in ("host_key", "user_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / key)], check=True)
     shutil.copy(keys / "user_key.pub", keys / "authorized_keys")
-    for name, addr in zip(names, addresses):
-        (keys / f"sshd_{name}").write_text(
-            f"Port 22\nListenAddress {addr}\nHostKey {keys / 'host_key'}\n"
+    client = ""
+    for i, (pattern, addr, port) in enumerate(servers):
+        (keys / f"sshd_{i}").write_text(
+            f"Port {port}\nListenAddress {addr}\nHostKey {keys / 'host_key'}\n"
             f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPermitRootLogin yes\nStrictModes no\n"
             f"PasswordAuthentication no\nUsePAM no\nPidFile none\nSetEnv PATH={root / 'bin'}:{os.environ['PATH']}\n")
-    (keys / "ssh_config").write_text(
-        f"Host {' '.join(names)}\n  IdentityFile {keys / 'user_key'}\n  StrictHostKeyChecking no\n"
-        f"  UserKnownHostsFile {keys / 'known_hosts'}\n  BatchMode yes\n  ConnectTimeout 10\n")
+        client += (f"Host {pattern}\n  Port {port}\n  IdentityFile {keys / 'user_key'}\n  StrictHostKeyChecking no\n"
+                   f"  UserKnownHostsFile {keys / 'known_hosts'}\n  BatchMode yes\n  ConnectTimeout 10\n")
+    (keys / "ssh_config").write_text(client)
     bindir = root / "bin"
     bindir.mkdir()
     (bindir / "ssh").write_text(f"#!/bin/sh\nexec {shutil.which('ssh')} -F {keys / 'ssh_config'} \"$@\"\n")
     (bindir / "ssh").chmod(0o755)
+    Path("/run/sshd").mkdir(exist_ok=True)          # sshd's privilege-separation directory
     return keys
 
 
@@ -112,7 +116,7 @@ def netns_hosts(root: Path, n: int = 2):
     home.mkdir(parents=True)
     hosts_file = "127.0.0.1 localhost\n" + f"127.0.1.1 {socket.gethostname()}\n" + \
         "".join(f"{a} {nm}\n" for a, nm in zip(addresses, names))
-    keys = _write_ssh(root, names, addresses)
+    keys = write_ssh_setup(root, [(name, addr, 22) for name, addr in zip(names, addresses)])
     env = dict(os.environ, PATH=f"{root / 'bin'}:{os.environ['PATH']}", HOME=str(home))
     hosts = Hosts(names, namespaces, addresses, "rl0", root, env)
     try:
@@ -127,10 +131,9 @@ def netns_hosts(root: Path, n: int = 2):
             _ip("link", "set", f"rlt{tag}v{i}", "master", bridge, "up")
             _ip("addr", "add", f"{addr}/24", "dev", "rl0", ns=ns)
             _ip("link", "set", "rl0", "up", ns=ns)
-        Path("/run/sshd").mkdir(exist_ok=True)
-        for name, ns in zip(names, namespaces):
+        for i, ns in enumerate(namespaces):
             hosts.daemons.append(subprocess.Popen(["ip", "netns", "exec", ns, SSHD, "-D", "-e", "-f",
-                                                  str(keys / f"sshd_{name}")], stderr=subprocess.PIPE))
+                                                  str(keys / f"sshd_{i}")], stderr=subprocess.PIPE))
         _wait_for_ssh(hosts)
         yield hosts
     finally:

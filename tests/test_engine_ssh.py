@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine_helpers import REPO, TINY, free_port, on_tiny_model, read_metrics, run_env
+from tests.netns_hosts import write_ssh_setup
 
 
 @pytest.mark.skipif(shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists(),
@@ -19,26 +20,9 @@ def test_plain_hostfile_launch_through_sshd(tmp_path, tiny_model_dir):
     multi-node code path go through a real sshd on 127.0.0.1 with a throwaway key. The random tiny
     Llama of tests/conftest.py: the launch path does not depend on the model."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-    d = tmp_path / "ssh"
-    d.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "user_key")], check=True)
-    shutil.copy(d / "user_key.pub", d / "authorized_keys")
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        "PermitRootLogin yes\nStrictModes no\nPasswordAuthentication no\nUsePAM no\nPidFile none\n"
-        f"SetEnv PATH={os.environ['PATH']}\n")
-    (d / "ssh_config").write_text(
-        f"Host localhost 127.0.0.1\n  Port {port}\n  IdentityFile {d / 'user_key'}\n  StrictHostKeyChecking no\n"
-        f"  UserKnownHostsFile {d / 'known_hosts'}\n  BatchMode yes\n")
-    # `ssh` on PATH for the launcher: the real client, pointed at the throwaway config
+    keys = write_ssh_setup(tmp_path, [("localhost 127.0.0.1", "127.0.0.1", free_port())])
     bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "ssh").write_text(f"#!/bin/sh\nexec {shutil.which('ssh')} -F {d / 'ssh_config'} \"$@\"\n")
-    (bindir / "ssh").chmod(0o755)
-    Path("/run/sshd").mkdir(exist_ok=True)
-    daemon = subprocess.Popen([sshd, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
+    daemon = subprocess.Popen([sshd, "-D", "-e", "-f", str(keys / "sshd_0")], stderr=subprocess.PIPE)
     try:
         time.sleep(1)
         env = run_env()

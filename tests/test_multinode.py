@@ -5,8 +5,8 @@ deepspeed launcher's multi-node path (pdsh over ssh), gloo across the veth link.
   * the same command without it: the ranks stop at once naming what to set, instead of one rank
     failing and the other hanging for DeepSpeed's 30-minute start-up timeout;
   * `rlengine train --hostfile`, which checks the hosts and picks the interface itself, in the
-    separate placement: the trainer on host 1, the rollout rank on host 2, the weight broadcast
-    crossing the link with its checksum and probe;
+    separate placement: the trainer on host 1, a vLLM rollout rank on host 2, the weight
+    broadcast crossing the link with its checksum and probe;
   * host 2's link taken down mid-run: the job ends within the stated bound, and resumes.
 
 The random tiny Llama of tests/conftest.py: what is under test is the launch and the network.
@@ -89,19 +89,23 @@ def _rlengine_train(hosts, overrides: list[str]) -> list[str]:
 SEPARATE = ["rollout.placement=separate", "rollout.num_ranks=1"]
 
 
-def test_rlengine_train_puts_the_trainer_and_the_rollout_rank_on_two_hosts(tmp_path, tiny_model_dir):
+@pytest.mark.vllm
+def test_rlengine_train_puts_the_trainer_and_a_vllm_rollout_rank_on_two_hosts(tmp_path, tiny_model_dir):
+    pytest.importorskip("vllm")
     with netns_hosts(tmp_path / "hosts", 2) as hosts:
         out = tmp_path / "run"
         r = hosts.run(1, _rlengine_train(hosts, FAST + on_tiny_model(tiny_model_dir) + SEPARATE + [
-            f"run.output_dir={out}", "run.total_steps=2"]), timeout=RUN_TIMEOUT_S, cwd=REPO, env=_env(hosts))
+            "rollout.backend=vllm", "rollout.vllm_kv_cache_gb=0.25", f"run.output_dir={out}", "run.total_steps=2"]),
+            timeout=RUN_TIMEOUT_S, cwd=REPO, env=_env(hosts))
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
         assert f"run.socket_ifname={hosts.ifname}" in r.stdout           # picked by the host check
         assert _world(out) == [(0, "trainer", hosts.addresses[0]), (1, "rollout", hosts.addresses[1])]
         rows = read_metrics(out)
         assert [x["step"] for x in rows] == [1, 2]
-        for row in rows:                     # host 2 generated, and holds the weights host 1 sent
+        for row in rows:                     # host 2's vLLM generated, and holds the weights host 1 sent
             assert row["sync/checksum_ok"] == 1.0 and row["sync/bytes"] > 0
             assert row["sync/probe_abs_diff"] < fp32_logprob_tol()
+        assert "EngineCore" in r.stdout + r.stderr
 
 
 def test_rlengine_train_names_a_host_it_cannot_reach(tmp_path):
