@@ -31,10 +31,12 @@ def _free_port() -> int:
 
 
 def launch_command(config: str | list[str] | None, overrides: list[str], nproc: int, hostfile: str | None,
-                   master_port: int | None = None, check: bool = True) -> list[str]:
+                   master_port: int | None = None, check: bool = True, socket_ifname: str | None = None) -> list[str]:
     """The deepspeed launcher line for one box (no ssh) or for the nodes of a hostfile; for several
-    nodes, after checking them (`rlengine.hosts`; `check=False` skips it, for --dry-run)."""
-    from rlengine.hosts import check_hosts, pick_socket_interface, read_hostfile
+    nodes, after checking them (`rlengine.hosts`; `check=False` skips it, for --dry-run), with the
+    first node's address as the rendezvous and, unless the config names one (`socket_ifname`),
+    the interface every node uses toward it."""
+    from rlengine.hosts import check_hosts, master_address, pick_socket_interface, read_hostfile
 
     ds = shutil.which("deepspeed")
     launcher = [ds] if ds else [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -52,7 +54,10 @@ def launch_command(config: str | list[str] | None, overrides: list[str], nproc: 
         cmd += ["--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"]
     elif check:
         check_hosts(hosts)
-        if not any(o.startswith("run.socket_ifname=") for o in overrides):
+        # the address the interfaces are chosen toward is the one the ranks meet at (DeepSpeed would
+        # otherwise take the first of `ssh <host> hostname -I`)
+        cmd += ["--master_addr", master_address(hosts)]
+        if socket_ifname is None:
             overrides = list(overrides) + [f"run.socket_ifname={pick_socket_interface(hosts)}"]
     cmd += [str(TRAIN_SCRIPT)]
     for path in [config] if isinstance(config, str) else (config or []):
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cmd = launch_command(args.config, args.overrides, args.nproc, args.hostfile, args.master_port,
-                             check=not args.dry_run)
+                             check=not args.dry_run, socket_ifname=cfg.run.socket_ifname)
     except (FileNotFoundError, HostCheckError) as e:
         print(f"rlengine: {e}", file=sys.stderr)
         return 2

@@ -56,8 +56,8 @@ def check_hosts(hosts: list[str]) -> None:
                                  "the launcher reaches every node by ssh (keys, known_hosts)")
 
 
-def pick_socket_interface(hosts: list[str]) -> str:
-    """The interface every node uses toward the first node (the rendezvous address)."""
+def master_address(hosts: list[str]) -> str:
+    """The first node's address, where every rank meets (MASTER_ADDR); never a loopback one."""
     try:
         master = socket.gethostbyname(hosts[0])
     except OSError as e:
@@ -65,6 +65,12 @@ def pick_socket_interface(hosts: list[str]) -> str:
     if ipaddress.ip_address(master).is_loopback:
         raise HostCheckError(f"host {hosts[0]!r} resolves to the loopback address {master} here, which the other "
                              "nodes cannot reach: name it by an address or a name of its network interface")
+    return master
+
+
+def pick_socket_interface(hosts: list[str]) -> str:
+    """The interface every node uses toward the first node (the rendezvous address)."""
+    master = master_address(hosts)
     chosen = {}
     for i, host in enumerate(hosts):
         query = "ip -o -4 addr show" if i == 0 else f"ip -o route get {master}"

@@ -91,6 +91,6 @@ def interface_holding(ip_addr_show: str, address: str) -> str | None:
     ('2: eth0    inet 10.0.0.1/24 brd ...')."""
     for line in ip_addr_show.splitlines():
         words = line.split()
-        if "inet" in words and words[words.index("inet") + 1].split("/")[0] == address:
+        if "inet" in words[:-1] and words[words.index("inet") + 1].split("/")[0] == address:
             return words[1].rstrip(":").split("@")[0]
     return None

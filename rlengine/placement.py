@@ -85,13 +85,17 @@ def build_local_sampler(cfg: Config, model_path: str, tokenizer) -> Sampler:
     return build_sampler(cfg.rollout.backend, model_path, dtype=dtype, tokenizer=tokenizer, device=local_device())
 
 
-def sampler_deadline(cfg: Config, sampler: Sampler, call: str):
+def sampler_deadline(cfg: Config, sampler: Sampler, call: str, with_gathers: bool = False):
     """Every sampler call is bounded: past rollout.generate_timeout_s, or once the sampler reports
-    itself dead (a spawned vLLM engine gone), this rank stops with one line (rlengine/watchdog.py)."""
+    itself dead (a spawned vLLM engine gone), this rank stops with one line (rlengine/watchdog.py).
+    `with_gathers`: the colocated load consumes ZeRO-3 gathers as it goes, so a peer lost in one
+    is the collective's to report (run.collective_timeout_s), not the sampler's: the bound is both."""
     from rlengine.watchdog import deadline
 
-    return deadline(f"sampler {call} ({cfg.rollout.backend})", cfg.rollout.generate_timeout_s,
-                    "rollout.generate_timeout_s", check=sampler.health)
+    seconds, setting = cfg.rollout.generate_timeout_s, "rollout.generate_timeout_s"
+    if with_gathers:
+        seconds, setting = seconds + cfg.run.collective_timeout_s, setting + " + run.collective_timeout_s"
+    return deadline(f"sampler {call} ({cfg.rollout.backend})", seconds, setting, check=sampler.health)
 
 
 def make_placement(cfg: Config, ctx, model_path: str, tokenizer) -> Placement:
@@ -226,7 +230,7 @@ class Colocated:
         stream, digest = digesting(actor.named_parameters_gathered())
         names = [spec.name for spec in stream.manifest]
         try:
-            with sampler_deadline(self.cfg, self.sampler, "weight load"):
+            with sampler_deadline(self.cfg, self.sampler, "weight load", with_gathers=True):
                 report, metrics = local_push(self.sampler, stream)
         except (WeightSyncError, ValueError) as e:
             return Transfer(names, digest.value, [SamplerReply(None, error=str(e))])

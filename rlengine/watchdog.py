@@ -68,20 +68,34 @@ def deadline(what: str, seconds: float, setting: str, check: Callable[[], str | 
     `check()` returns a reason (polled every `poll_s`), call `on_fault(message)`, which by default
     ends the process (tests pass a recorder)."""
     done = threading.Event()
+    fired = threading.Lock()          # one verdict per block: the watcher's or the block's own
+
+    def fault(message: str) -> None:
+        if fired.acquire(blocking=False):
+            on_fault(message)
+
+    def reason_now() -> str | None:
+        try:
+            return check() if check is not None else None
+        except Exception as e:        # a broken check must not silently end the deadline
+            return f"its health check failed ({type(e).__name__}: {e})"
 
     def watch() -> None:
         end = time.monotonic() + seconds
         while not done.wait(max(0.0, min(poll_s, end - time.monotonic()))):
-            reason = check() if check is not None else None
-            if done.is_set():
-                return
+            reason = reason_now()
             if reason is not None:
-                on_fault(f"{what}: {reason}")
-                return
-            if time.monotonic() >= end:
-                on_fault(f"{what} did not finish within {seconds:g} s ({setting})")
-                return
+                message = f"{what}: {reason}"
+            elif time.monotonic() >= end:
+                message = f"{what} did not finish within {seconds:g} s ({setting})"
+            else:
+                continue
+            with finish:
+                if not done.is_set():   # the block may have ended while the check ran
+                    fault(message)
+            return
 
+    finish = threading.Lock()
     watcher = threading.Thread(target=watch, name=f"rlengine-deadline: {what}", daemon=True)
     watcher.start()
     try:
@@ -89,10 +103,12 @@ def deadline(what: str, seconds: float, setting: str, check: Callable[[], str | 
     except Exception:
         # a part that died may also make the call raise (vLLM's EngineDeadError) rather than block:
         # report the death, not the traceback it caused
-        reason = check() if check is not None else None
-        done.set()
+        with finish:
+            done.set()
+        reason = reason_now()
         if reason is not None:
-            on_fault(f"{what}: {reason}")
+            fault(f"{what}: {reason}")
         raise
     finally:
-        done.set()
+        with finish:
+            done.set()

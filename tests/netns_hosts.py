@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -133,7 +134,8 @@ def netns_hosts(root: Path, n: int = 2):
             _ip("link", "set", "rl0", "up", ns=ns)
         for i, ns in enumerate(namespaces):
             hosts.daemons.append(subprocess.Popen(["ip", "netns", "exec", ns, SSHD, "-D", "-e", "-f",
-                                                  str(keys / f"sshd_{i}")], stderr=subprocess.PIPE))
+                                                  str(keys / f"sshd_{i}")],
+                                                 stderr=open(root / f"sshd_{i}.log", "w")))
         _wait_for_ssh(hosts)
         yield hosts
     finally:
@@ -141,6 +143,13 @@ def netns_hosts(root: Path, n: int = 2):
             d.kill()
             d.wait()
         for i, ns in enumerate(namespaces, start=1):
+            # whatever a failed test left running there (launchers, ranks) dies with its host
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             subprocess.run(["ip", "link", "del", f"rlt{tag}v{i}"], capture_output=True)   # the pair, both ends
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)

@@ -14,6 +14,7 @@ The random tiny Llama of tests/conftest.py: what is under test is the launch and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -148,7 +149,7 @@ def test_a_node_whose_link_drops_ends_the_job_and_resume_continues(tmp_path, tin
             took = time.monotonic() - t0
         finally:
             if job.poll() is None:
-                job.send_signal(signal.SIGKILL)
+                os.killpg(job.pid, signal.SIGKILL)          # the launcher, pdsh and its ssh clients
                 job.wait()
             log.close()
         text = (tmp_path / "job.log").read_text()

@@ -374,7 +374,9 @@ def test_a_killed_engine_ends_its_owner_in_one_line(embedded_model_dir, tmp_path
         time.sleep(2)                                  # mid-generate
         t0 = time.monotonic()
         os.kill(engine[0], signal.SIGKILL)
-        owner.stdout.read()                             # drain: vLLM may still log while it dies
+        import threading
+
+        threading.Thread(target=owner.stdout.read, daemon=True).start()   # drain: vLLM logs while it dies
         owner.wait(timeout=120)
         took = time.monotonic() - t0
         err = err_path.read_text()

@@ -98,3 +98,17 @@ def test_collective_failures_are_told_from_other_errors():
         "Application timeout caused pair closure"
     assert collective_failure(RuntimeError("CUDA out of memory")) is None
     assert collective_failure(ValueError("gloo")) is None
+
+
+def test_a_check_that_raises_is_reported_once_not_lost():
+    faults = []
+
+    def broken():
+        raise OSError("no such process table")
+
+    t0 = time.monotonic()
+    with deadline("sampler generate (vllm)", 600, "rollout.generate_timeout_s", check=broken,
+                  on_fault=faults.append, poll_s=0.05):
+        while not faults and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+    assert faults == ["sampler generate (vllm): its health check failed (OSError: no such process table)"]
