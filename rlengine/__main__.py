@@ -56,9 +56,10 @@ def launch_command(config: str | list[str] | None, overrides: list[str], nproc: 
         check_hosts(hosts)
         # the address the interfaces are chosen toward is the one the ranks meet at (DeepSpeed would
         # otherwise take the first of `ssh <host> hostname -I`)
-        cmd += ["--master_addr", master_address(hosts)]
+        master = master_address(hosts)
+        cmd += ["--master_addr", master]
         if socket_ifname is None:
-            overrides = list(overrides) + [f"run.socket_ifname={pick_socket_interface(hosts)}"]
+            overrides = list(overrides) + [f"run.socket_ifname={pick_socket_interface(hosts, master)}"]
     cmd += [str(TRAIN_SCRIPT)]
     for path in [config] if isinstance(config, str) else (config or []):
         cmd += ["--config", path]

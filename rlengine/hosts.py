@@ -68,9 +68,8 @@ def master_address(hosts: list[str]) -> str:
     return master
 
 
-def pick_socket_interface(hosts: list[str]) -> str:
-    """The interface every node uses toward the first node (the rendezvous address)."""
-    master = master_address(hosts)
+def pick_socket_interface(hosts: list[str], master: str) -> str:
+    """The interface every node uses toward `master`, the first node's address (`master_address`)."""
     chosen = {}
     for i, host in enumerate(hosts):
         query = "ip -o -4 addr show" if i == 0 else f"ip -o route get {master}"
