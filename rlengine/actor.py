@@ -257,6 +257,7 @@ class Actor:
         and KL to `metrics` (token-weighted), and every token to `recorder` when given. Returns the
         global gradient norm (inf / nan when DeepSpeed discarded a non-finite step).
         Collective over the trainer ranks."""
+        from rlengine.correction import correction_metrics, mismatch_kl
         from rlengine.distributed import all_reduce
         from rlengine.losses import kl_k3
         from rlengine.objective import backward_scale, regularised_loss, unit_count
@@ -269,6 +270,10 @@ class Actor:
             mask = mb.loss_mask                                                         # [b, T]
             logp, entropy = self.logprobs(mb.seqs, cfg.rollout.temperature, with_entropy=True)   # [b, T]
             old = logp.detach() if mb.old_logp is None else mb.old_logp    # None: on-policy single update
+            if mb.old_logp is None:    # pi_old is this forward: the sampler gap is measured here (correction off)
+                tokens = float(mb.resp_mask.sum())
+                metrics.mean("mismatch/kl", mismatch_kl(old, mb.sampler_logp, mb.resp_mask), tokens)
+                metrics.means(correction_metrics(mask, mask, mask), tokens)
             out = loss_fn(logp, old, mb.advantages, mask, agg=agg, max_len=max_len, entropy=entropy.detach())
             loss = regularised_loss(out.loss, logp, entropy, mb.ref_logp, mask, cfg.train, agg, max_len)
             units = unit_count(mask, agg)

@@ -62,8 +62,12 @@ def shape_advantages(batch, train_cfg, group=None) -> dict[str, float]:
     4. DAPO filter (`dynamic_filter`): the tokens of groups whose *reward function values* are all
        equal leave `loss_mask`. It looks at the task reward, not at the KL-shaped one of step 1,
        which is almost never equal within a group and would keep every group.
-    5. truncated IS (`tis_cap`): A_t * min(pi_old_t / pi_sampler_t, cap), advantages become [B, T].
-    Returns what it measured for the log (`kl_in_reward` mean, `dapo_kept_groups` fraction)."""
+    5. the off-policy correction (`train.correction`, rlengine/correction.py): A_t * w_t, advantages
+       become [B, T], and the tokens it masks leave `loss_mask`. It needs `batch.old_logp`; without
+       it (the on-policy single update) the correction is off and `Actor.update` measures the gap.
+    Returns what it measured for the log (`kl_in_reward` mean, `dapo_kept_groups` fraction, and the
+    correction's `mismatch/kl`, `correction/weight_mean`, `correction/masked_frac`)."""
+    from rlengine.correction import correct, correction_metrics, correction_of, mismatch_kl
     from rlengine.losses import kl_penalty
 
     t, mask = train_cfg, batch.resp_mask.clone()                      # [B, T]
@@ -81,9 +85,13 @@ def shape_advantages(batch, train_cfg, group=None) -> dict[str, float]:
         keep = grouped.max(1).values != grouped.min(1).values                          # [P]
         mask = mask * keep.repeat_interleave(batch.group_size).unsqueeze(1).float()
         stats["dapo_kept_groups"] = float(keep.float().mean())
-    if t.tis_cap is not None:
-        weight = (batch.old_logp - batch.sampler_logp).exp().clamp(max=t.tis_cap) * mask   # [B, T]
-        advantages = advantages.unsqueeze(1) * weight
+    if batch.old_logp is not None:
+        layer = correction_of(t)
+        weight, keep = correct(batch.old_logp, batch.sampler_logp, mask, layer)            # [B, T] each
+        stats.update(correction_metrics(weight, keep, mask))
+        stats["mismatch/kl"] = mismatch_kl(batch.old_logp, batch.sampler_logp, batch.resp_mask)
+        if layer.mode != "none":
+            advantages, mask = advantages.unsqueeze(1) * weight, keep
     batch.advantages, batch.loss_mask = advantages, mask
     return stats
 

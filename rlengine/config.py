@@ -117,6 +117,9 @@ class RolloutConfig:
     sync_timeout_s: float = _opt(300.0, "a weight push (broadcast + the sampler loading it) that takes longer is an error", gt=0)
     generate_timeout_s: float = _opt(1200.0, "a sampler call (a step's generation, a weight load, a probe) that takes "
                                              "longer, or a spawned vLLM engine that dies, ends the run (exit code 5)", gt=0)
+    max_staleness: int = _opt(0, "0: generate, then train, in turn; k >= 1 (placement=separate): rollout ranks "
+                                 "generate the next steps while the trainers update, never more than k weight "
+                                 "versions behind", ge=0)
     probe_threshold: Optional[float] = _opt(None, "a sampler/trainer log-prob gap above this after a push means the "
                                                   "sampler does not hold the trainer's weights (None: 0.005 in fp32, "
                                                   "0.1 when either side is bf16)", ge=0)
@@ -155,7 +158,14 @@ class TrainConfig:
     adv_norm_std: bool = _opt(True, "divide by the group std (False = Dr. GRPO)")
     adv_batch_norm: bool = _opt(False, "normalise advantages over the whole batch afterwards")
     dynamic_filter: bool = _opt(False, "DAPO: drop groups whose rewards are all equal")
-    tis_cap: Optional[float] = _opt(None, "truncated IS correction of the sampler/trainer mismatch (cap)", gt=0)
+    correction: Literal["none", "tis", "mis"] = _opt("none", "off-policy correction of the sampler/trainer gap "
+                                                     "(rlengine/correction.py): none, truncated IS, masked IS")
+    correction_level: Literal["token", "sequence", "geometric"] = _opt("token", "IS ratio per token, per response "
+                                                                        "(product), or per response (geometric mean)")
+    correction_high: float = _opt(2.0, "tis: the cap of the IS weight; mis: the upper bound kept", gt=0)
+    correction_low: Optional[float] = _opt(None, "mis: the lower bound kept (None: 1 / correction_high)", ge=0)
+    tis_cap: Optional[float] = _opt(None, "shorthand for correction=tis, correction_level=token, correction_high=<cap>",
+                                    gt=0)
 
 
 @dataclass
@@ -311,6 +321,16 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(f"config key 'run.collective_timeout_s': {cfg.run.collective_timeout_s:g} must exceed "
                           f"rollout.generate_timeout_s ({r.generate_timeout_s:g}) and rollout.sync_timeout_s "
                           f"({r.sync_timeout_s:g}): ranks wait in a collective while a sampler works")
+    if r.max_staleness and r.placement != "separate":
+        raise ConfigError(f"config key 'rollout.max_staleness': {r.max_staleness} needs rollout.placement=separate: a "
+                          "colocated sampler shares the trainer's process and device, so it cannot generate while "
+                          "the trainer updates (use 0)")
+    from rlengine.correction import correction_of
+
+    try:
+        correction_of(cfg.train)
+    except ValueError as e:
+        raise ConfigError(f"config section 'train': {e}") from None
     mb = cfg.train.mini_batch_prompts
     if mb is not None and r.prompts_per_step % mb != 0:
         raise ConfigError(f"config key 'train.mini_batch_prompts': {mb} must divide rollout.prompts_per_step "
