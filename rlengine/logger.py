@@ -69,14 +69,15 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                if self.tb is not None:
-                    self.tb.add_scalar(k, v, step)
+        # TensorBoard and W&B take the numbers; lists (data/prompt_ids) stay in metrics.jsonl
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
             self.tb.flush()
         if self.wandb is not None:
-            self.wandb.log(record, step=step)
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.tb is not None:

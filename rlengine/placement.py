@@ -24,6 +24,7 @@ under `rollout.on_probe_failure=warn`, which warns and trains on.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ class PushFailure(RuntimeError):
 class Placement(Protocol):
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Generation: ...
 
-    def push(self, actor, probe=None) -> dict: ...
+    def push(self, actor, probe=None, version: int | None = None) -> dict: ...
+
+    def rollout_metrics(self) -> dict: ...
 
     def close(self) -> None: ...
 
@@ -99,6 +102,10 @@ def sampler_deadline(cfg: Config, sampler: Sampler, call: str, with_gathers: boo
 
 
 def make_placement(cfg: Config, ctx, model_path: str, tokenizer) -> Placement:
+    if cfg.rollout.placement == "separate" and cfg.rollout.max_staleness:
+        from rlengine.async_rollout import AsyncSeparate
+
+        return AsyncSeparate(cfg, ctx)
     if cfg.rollout.placement == "separate":
         return Separate(cfg, ctx)
     return Colocated(cfg, ctx, build_local_sampler(cfg, model_path, tokenizer))
@@ -221,8 +228,11 @@ class Colocated:
         with sampler_deadline(self.cfg, self.sampler, "generate"):
             return self.sampler.generate(prompts, n, sampling)
 
-    def push(self, actor, probe=None) -> dict:
+    def push(self, actor, probe=None, version: int | None = None) -> dict:
         return verified_push(self, actor, probe, self.cfg, self.ctx)
+
+    def rollout_metrics(self) -> dict:
+        return {}
 
     def _transfer(self, actor, probe) -> Transfer:
         from rlengine.weight_sync import WeightSyncError, digesting, local_push
@@ -236,8 +246,7 @@ class Colocated:
             return Transfer(names, digest.value, [SamplerReply(None, error=str(e))])
         t0 = time.perf_counter()
         with sampler_deadline(self.cfg, self.sampler, "probe score"):
-            logprobs = (self.sampler.score(probe[0], probe[1], temperature=self.cfg.rollout.temperature)
-                        if probe is not None else None)
+            logprobs = _score_probe(self.sampler, probe, self.cfg.rollout.temperature)
         metrics["sync/probe_sampler_seconds"] = time.perf_counter() - t0
         return Transfer(names, digest.value, [SamplerReply(report, logprobs)], metrics)
 
@@ -260,6 +269,61 @@ def _broadcaster(cfg: Config, ctx):
                              timeout_s=cfg.rollout.sync_timeout_s)
 
 
+_GENERATION_FIELDS = ("prompt_index", "prompt_ids", "response_ids", "response_logprobs", "texts", "finish_reasons")
+
+
+@dataclass
+class RolloutPiece:
+    """One rollout rank's answer to a generation: its responses, the weights version they were
+    generated with, its busy seconds and clock (cumulative, its own clock, for the idle fraction),
+    and the weight loads it made since its previous piece, verified by the trainers (async mode)."""
+
+    gen: Generation
+    version: int | None = None
+    busy_s: float = 0.0
+    clock_s: float = 0.0
+    loads: list = field(default_factory=list)      # [(version, SamplerReply)]
+
+
+class IdleMeter:
+    """The rollout ranks' idle fraction between consecutive pieces: 1 - d(busy) / d(clock), averaged
+    over the rollout ranks (each on its own clock)."""
+
+    def __init__(self):
+        self._last: dict[int, tuple[float, float]] = {}
+        self._fracs: list[float] = []
+
+    def add(self, pieces: list) -> None:
+        self._fracs = []
+        for k, piece in enumerate(pieces):
+            busy0, clock0 = self._last.get(k, (0.0, 0.0))
+            window = piece.clock_s - clock0
+            if window > 0:
+                self._fracs.append(min(1.0, max(0.0, 1.0 - (piece.busy_s - busy0) / window)))
+            self._last[k] = (piece.busy_s, piece.clock_s)
+
+    def metrics(self) -> dict:
+        return {"rollout/idle_frac": sum(self._fracs) / len(self._fracs)} if self._fracs else {}
+
+
+class BusyClock:
+    """A rollout rank's side of `IdleMeter`: seconds spent generating or loading weights since start."""
+
+    def __init__(self):
+        self.start, self.busy_s = time.monotonic(), 0.0
+
+    @contextlib.contextmanager
+    def busy(self):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.busy_s += time.monotonic() - t0
+
+    def piece(self, gen: Generation, version: int | None = None, loads: list | None = None) -> RolloutPiece:
+        return RolloutPiece(gen, version, self.busy_s, time.monotonic() - self.start, loads or [])
+
+
 class Separate:
     """The trainer ranks' handle on the rollout ranks (placement=separate)."""
 
@@ -267,6 +331,7 @@ class Separate:
         self.cfg, self.ctx = cfg, ctx
         self._bcast = None
         self._closed = False
+        self.idle = IdleMeter()
 
     def _command(self, cmd: dict) -> None:
         box = [cmd if self.ctx.is_main else None]
@@ -279,26 +344,41 @@ class Separate:
         dist.all_gather_object(everyone, prompts)            # trainers' prompts, in trainer order
         pieces: list = [None] * ctx.world_size
         dist.all_gather_object(pieces, None)                 # rollout ranks answer
-        merged = Generation([], [], [], [], [], [])
-        for g in (pieces[r] for r in ctx.rollout_ranks):     # each numbered its prompts globally (serve)
-            for f in ("prompt_index", "prompt_ids", "response_ids", "response_logprobs", "texts", "finish_reasons"):
-                getattr(merged, f).extend(getattr(g, f))
-        # keep this trainer's slice, renumbered from 0
+        gen, _ = self._share(everyone, [pieces[r] for r in ctx.rollout_ranks])
+        return gen
+
+    def _share(self, everyone: list, pieces: list) -> tuple[Generation, list[int]]:
+        """This trainer's slice of the rollout ranks' pieces (renumbered from 0), and which piece each
+        of its samples came from. `everyone`: every rank's prompts as gathered (rollout ranks: None)."""
+        ctx = self.ctx
+        merged, origin = Generation([], [], [], [], [], []), []
+        for k, piece in enumerate(pieces):                   # each numbered its prompts globally (serve)
+            for f in _GENERATION_FIELDS:
+                getattr(merged, f).extend(getattr(piece.gen, f))
+            origin += [k] * len(piece.gen)
+        self.idle.add(pieces)
         counts = [len(everyone[r]) for r in ctx.trainer_ranks]
         first = sum(counts[:ctx.trainer_index])
-        mine = [i for i, p in enumerate(merged.prompt_index) if first <= p < first + len(prompts)]
-        return Generation([merged.prompt_index[i] - first for i in mine],
-                          *([getattr(merged, f)[i] for i in mine] for f in
-                            ("prompt_ids", "response_ids", "response_logprobs", "texts", "finish_reasons")))
+        mine = [i for i, p in enumerate(merged.prompt_index) if first <= p < first + counts[ctx.trainer_index]]
+        return (Generation([merged.prompt_index[i] - first for i in mine],
+                           *([getattr(merged, f)[i] for i in mine] for f in _GENERATION_FIELDS[1:])),
+                [origin[i] for i in mine])
 
-    def push(self, actor, probe=None) -> dict:
+    def rollout_metrics(self) -> dict:
+        """What the last generation measured on the rollout ranks (`rollout/idle_frac`)."""
+        return self.idle.metrics()
+
+    def push(self, actor, probe=None, version: int | None = None) -> dict:
         return verified_push(self, actor, probe, self.cfg, self.ctx)
+
+    def _sync_command(self, probe) -> dict:
+        return {"op": "sync", "probe": probe}
 
     def _transfer(self, actor, probe) -> Transfer:
         from rlengine.weight_sync import WeightSyncError, digesting
 
         ctx = self.ctx
-        self._command({"op": "sync", "probe": probe})
+        self._command(self._sync_command(probe))
         self._bcast = self._bcast or _broadcaster(self.cfg, ctx)
         t0 = time.perf_counter()
         # every trainer rank iterates (the ZeRO-3 gathers are collective) and digests what it sees
@@ -327,14 +407,20 @@ class Separate:
 
 
 def serve(cfg: Config, ctx) -> int:
-    """The loop of a rollout rank: serve generate / sync commands until told to stop."""
+    """The loop of a rollout rank: serve generate / sync commands until told to stop (with
+    rollout.max_staleness >= 1: `async_rollout.serve_async`)."""
     from rlengine.distributed import barrier
     from rlengine.model import load_tokenizer, resolve_model_path
 
+    if cfg.rollout.max_staleness:
+        from rlengine.async_rollout import serve_async
+
+        return serve_async(cfg, ctx)
     model_path = resolve_model_path(cfg.model.path)
     sampler = build_local_sampler(cfg, model_path, load_tokenizer(model_path))
     bcast = _broadcaster(cfg, ctx)
     my_index = ctx.rollout_ranks.index(ctx.rank)
+    clock = BusyClock()
     try:
         while True:
             box = [None]
@@ -347,12 +433,12 @@ def serve(cfg: Config, ctx) -> int:
                 dist.all_gather_object(everyone, None)
                 prompts = [p for r in ctx.trainer_ranks for p in everyone[r]]
                 lo, hi = _split(len(prompts), len(ctx.rollout_ranks), my_index)
-                with sampler_deadline(cfg, sampler, "generate"):
+                with clock.busy(), sampler_deadline(cfg, sampler, "generate"):
                     gen = sampler.generate(prompts[lo:hi], cmd["n"], cmd["sampling"])
                 gen.prompt_index = [i + lo for i in gen.prompt_index]
-                dist.all_gather_object([None] * ctx.world_size, gen)
+                dist.all_gather_object([None] * ctx.world_size, clock.piece(gen))
             elif cmd["op"] == "sync":
-                with sampler_deadline(cfg, sampler, "weight load"):
+                with clock.busy(), sampler_deadline(cfg, sampler, "weight load"):
                     reply = _receive_push(bcast, sampler, cmd.get("probe"), cfg.rollout.temperature)
                 dist.all_gather_object([None] * ctx.world_size, reply)
     finally:
@@ -376,5 +462,20 @@ def _receive_push(bcast, sampler: Sampler, probe, temperature: float) -> Sampler
         bcast.receive(load)
     except WeightSyncError as e:
         return SamplerReply(reports[-1] if reports else None, error=str(e))
-    logprobs = sampler.score(probe[0], probe[1], temperature=temperature) if probe is not None else None
-    return SamplerReply(reports[-1], logprobs)
+    return SamplerReply(reports[-1], _score_probe(sampler, probe, temperature))
+
+
+def _score_probe(sampler: Sampler, probe, temperature: float) -> list[float] | None:
+    return sampler.score(probe[0], probe[1], temperature=temperature) if probe is not None else None
+
+
+def _load_into(sampler: Sampler, named: list, probe, temperature: float) -> SamplerReply:
+    """Load staged weights into this process's sampler and score the probe (async rollout ranks);
+    a refused load is reported to the trainers, not raised."""
+    from rlengine.weight_sync import WeightSyncError
+
+    try:
+        report = sampler.load_weights(named)
+    except (WeightSyncError, ValueError) as e:
+        return SamplerReply(None, error=str(e))
+    return SamplerReply(report, _score_probe(sampler, probe, temperature))

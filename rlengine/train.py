@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlengine: config error: {e}", file=sys.stderr)
         return 2
     from rlengine.distributed import barrier, init_distributed
+    from rlengine.async_rollout import StaleBatch
     from rlengine.placement import PushFailure
     from rlengine.watchdog import collective_failure, stop_now
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(cfg, ctx)
         code = train(cfg, ctx)
-    except (TrainingStopped, PushFailure) as e:  # every trainer rank stops at the same step
+    except (TrainingStopped, PushFailure, StaleBatch) as e:  # every trainer rank stops at the same step
         if ctx.is_main:
             print(f"rlengine: training stopped: {e}", file=sys.stderr)
         code = 3
@@ -232,17 +233,13 @@ def resume(run: Run) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- one step's phases
 
-def rollout(run: Run, step: int, sampling):
-    """This rank's prompts of the step, their responses, and the batch built from them."""
+def rollout(run: Run, plan, step: int, metrics):
+    """The step's prompts, this rank's responses, and the batch built from them."""
     from rlengine.batch import RolloutBatch
 
-    cfg, ctx = run.cfg, run.ctx
-    local = cfg.rollout.prompts_per_step // ctx.num_trainers
-    every = run.prompts.next_batch(cfg.rollout.prompts_per_step)                 # the same on every rank
-    mine = every[ctx.trainer_index * local:(ctx.trainer_index + 1) * local]
-    sampling.seed = cfg.run.seed * 100003 + step * 131 + ctx.rank
-    gen = run.placement.generate([p.prompt_ids for p in mine], cfg.rollout.group_size, sampling)
-    return RolloutBatch.from_generation(gen, run.tokenizer.pad_token_id, cfg.rollout.group_size), gen, mine
+    planned, gen = plan.next(step)
+    metrics.means(run.placement.rollout_metrics())
+    return RolloutBatch.from_generation(gen, run.tokenizer.pad_token_id, run.cfg.rollout.group_size), gen, planned
 
 
 def score(run: Run, step: int, batch, gen, mine, metrics) -> None:
@@ -284,7 +281,8 @@ def optimise(run: Run, batch, step: int, metrics, recorder) -> int:
     return bad
 
 
-def step_record(run: Run, step: int, batch, gen, metrics, timer: PhaseTimer, seconds: float, bad: int) -> dict:
+def step_record(run: Run, step: int, batch, gen, planned, metrics, timer: PhaseTimer, seconds: float,
+                bad: int) -> dict:
     """The step's metrics.jsonl line: `metrics` reduced over the trainer ranks, and the rank-0 views."""
     from rlengine.runtime import memory_gb
 
@@ -302,7 +300,7 @@ def step_record(run: Run, step: int, batch, gen, metrics, timer: PhaseTimer, sec
     record["nonfinite_updates"] = record["nonfinite_skipped"] = float(bad)
     record["tokens_per_s"] = record.pop("tokens") / seconds
     record["samples_per_s"] = record.pop("samples") / seconds
-    stats, data = run.prompts.stats, run.prompts.state_dict()
+    stats, data = run.prompts.stats, planned.data_state          # the trained step's, not the draws ahead
     record.update({
         "lr": run.actor.lr(), **{f"time/{k}": v for k, v in timer.seconds.items()}, "time/step": seconds,
         "reward_pool/timeouts": float(run.rewards.stats.get("timeouts", 0)),
@@ -312,7 +310,10 @@ def step_record(run: Run, step: int, batch, gen, metrics, timer: PhaseTimer, sec
         "data/bad_rows": float(stats.get("bad_rows", 0)),                    # skipped at load (skip_bad_rows)
         "data/dropped_too_long": float(stats.get("dropped_too_long", 0)),    # > max_prompt_tokens
         "data/epoch": float(data["sources"][0]["epoch"]), "data/index": float(data["sources"][0]["index"]),
+        "data/prompt_ids": planned.ids(),                                     # source:row of each prompt trained
     })
+    record.setdefault("staleness/mean", 0.0)          # the synchronous loop trains on the newest weights
+    record.setdefault("staleness/max", 0.0)
     return record
 
 
@@ -322,18 +323,21 @@ def train(cfg: Config, ctx) -> int:
     from tqdm import tqdm
 
     from rlengine.advantages import shape_advantages
+    from rlengine.correction import correction_of
     from rlengine.logger import TokenRecorder
+    from rlengine.prompt_plan import PromptPlan
     from rlengine.rollout.base import SamplingParams
     from rlengine.step_metrics import StepMetrics
 
     run = build(cfg, ctx)
     R, T, out_dir = cfg.rollout, cfg.rollout.temperature, Path(cfg.run.output_dir)
     start, bad_in_a_row = resume(run)
-    run.placement.push(run.actor)                           # the sampler starts from the actor's weights
+    run.placement.push(run.actor, version=start)            # the sampler starts from the actor's weights
     sampling = SamplingParams(temperature=T, top_p=R.top_p, max_new_tokens=R.max_new_tokens, stop=list(R.stop))
+    plan = PromptPlan(cfg, ctx, run.prompts, run.placement, sampling, start)
     # a single update on the whole batch is exactly on-policy: pi_old = sg(pi_theta), no extra pass;
     # KL in the reward needs pi_old itself (the sampler's log-probs are after top-p, not pi_theta's)
-    on_policy = (cfg.train.num_iterations == 1 and run.num_minibatches == 1 and cfg.train.tis_cap is None
+    on_policy = (cfg.train.num_iterations == 1 and run.num_minibatches == 1 and correction_of(cfg.train).mode == "none"
                  and not (cfg.train.kl_in_reward and cfg.train.kl_coef > 0))
     bar = tqdm(total=cfg.run.total_steps, initial=start, disable=not ctx.is_main, desc="rlengine", dynamic_ncols=True)
     last_save_s = None
@@ -342,7 +346,7 @@ def train(cfg: Config, ctx) -> int:
         dump = ctx.is_main and cfg.run.token_dump_every > 0 and step % cfg.run.token_dump_every == 0
         recorder = TokenRecorder() if dump else None
         with timer("rollout"):
-            batch, gen, mine = rollout(run, step, sampling)
+            batch, gen, planned = rollout(run, plan, step, metrics)
         if not on_policy:
             with timer("old_logprobs"):
                 batch.old_logp = run.actor.batch_logprobs(batch.seqs, T, cfg.train.micro_batch_size)
@@ -350,7 +354,7 @@ def train(cfg: Config, ctx) -> int:
             with timer("ref_logprobs"):
                 batch.ref_logp = run.ref.batch_logprobs(batch.seqs, T, cfg.train.micro_batch_size)
         with timer("reward"):
-            score(run, step, batch, gen, mine, metrics)
+            score(run, step, batch, gen, planned.mine, metrics)
         with timer("advantage"):
             metrics.means(shape_advantages(batch, cfg.train, ctx.trainer_group))
         with timer("train"):
@@ -363,8 +367,8 @@ def train(cfg: Config, ctx) -> int:
                 "learning rate (train.lr), advantages of degenerate groups, bf16 overflow (try model.dtype=fp32), "
                 "and the ratio extremes (ratio_min/ratio_max) in metrics.jsonl.")
         with timer("sync"):
-            metrics.means(run.placement.push(run.actor, probe=batch.probe(R.probe_tokens)))
-        record = step_record(run, step, batch, gen, metrics, timer, time.perf_counter() - t0, bad)
+            metrics.means(run.placement.push(run.actor, probe=batch.probe(R.probe_tokens), version=step))
+        record = step_record(run, step, batch, gen, planned, metrics, timer, time.perf_counter() - t0, bad)
         if recorder is not None:
             recorder.write(out_dir / "tokens" / f"step_{step:06d}.parquet", step, cfg.loss.name,
                            cfg.loss.params["eps_low"], cfg.loss.params["eps_high"], cfg.run.token_dump_max)
@@ -375,7 +379,7 @@ def train(cfg: Config, ctx) -> int:
         run.logger.log(step, record)
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
             t_save = time.perf_counter()
-            run.ckpt.save(step, run.actor.engine, {"data": run.prompts.state_dict(), "bad_in_a_row": bad_in_a_row},
+            run.ckpt.save(step, run.actor.engine, {"data": planned.data_state, "bad_in_a_row": bad_in_a_row},
                           to_yaml(cfg))
             last_save_s = time.perf_counter() - t_save
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", s_per_step=f"{record['time/step']:.1f}")

@@ -15,7 +15,8 @@ from tests.engine_helpers import (EPS32, EPS64, FRAC_SUM_TOL, TINY, fp32_logprob
 REQUIRED = ["step", "reward/mean", "loss", "eur", "frac_M", "frac_LN", "frac_HP", "frac_LP", "frac_HN",
             "entropy", "grad_norm", "time/step", "lr", "ratio_min", "ratio_max", "sync/seconds",
             "sync/checksum_ok", "sync/probe_abs_diff", "response_len/mean", "time/rollout", "time/train",
-            "time/reward", "time/sync", "tokens_per_s"]
+            "time/reward", "time/sync", "tokens_per_s", "staleness/mean", "staleness/max", "mismatch/kl",
+            "correction/weight_mean", "correction/masked_frac", "data/prompt_ids"]
 
 
 def test_two_ranks_train_and_log(real_run):
@@ -32,6 +33,12 @@ def test_two_ranks_train_and_log(real_run):
         # (engine_helpers.fp32_logprob_tol, 1.3e-3; measured ~1.5e-5), bf16 would give >= 0.024
         assert row["sync/probe_abs_diff"] < fp32_logprob_tol()
         assert row["optimizer_updates"] == 2           # 2 iterations x 1 mini-batch
+        assert row["staleness/max"] == 0.0             # the synchronous loop
+        # sampler and pi_old hold the same weights: per token |d| <= fp32_logprob_tol, and k3 = e^d - 1 - d
+        # <= d^2 for |d| <= 1, so the mean is below tol^2 (a stale sampler gives ~1e-2 and more)
+        assert 0.0 <= row["mismatch/kl"] <= fp32_logprob_tol() ** 2
+        assert row["correction/weight_mean"] == 1.0 and row["correction/masked_frac"] == 0.0   # correction=none
+        assert len(row["data/prompt_ids"]) == 2                                              # prompts_per_step
         assert row["lr"] == pytest.approx(1e-5, rel=EPS64)   # constant schedule: base lr x 1.0, exact
     # after the first update the policy moved: ratios leave 1 by more than fp32 recomputation noise
     assert any(ratio_left_one(r) for r in rows)
@@ -83,5 +90,6 @@ def test_separate_placement_one_trainer_one_rollout_rank(tmp_path, tiny_model_di
         assert row["sync/num_buckets"] >= fp32_bytes // (1 << 20)     # the fp32 model in 1 MB buckets
         assert row["sync/bytes"] == fp32_bytes
         assert row["sync/probe_abs_diff"] < fp32_logprob_tol()         # the rollout rank holds the new weights
+        assert 0.0 <= row["rollout/idle_frac"] <= 1.0                   # measured on the rollout rank
     assert any(ratio_left_one(x) for x in rows)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"

@@ -35,10 +35,10 @@ def comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(NOT_COMPARED) and isinstance(v, (int, float))}
 
 
-def _run_until_killed(tmp_path, overrides, ready, script="rlengine/train.py", grace_s=0.0):
+def _run_until_killed(tmp_path, overrides, ready, script="rlengine/train.py", grace_s=0.0, nproc=1):
     """Launch, wait for `ready()`, then SIGKILL the launcher and its ranks."""
     log = open(tmp_path / "killed.log", "a")
-    proc = subprocess.Popen(launch_cmd(tmp_path, 1, overrides, script=script), cwd=REPO, env=run_env(),
+    proc = subprocess.Popen(launch_cmd(tmp_path, nproc, overrides, script=script), cwd=REPO, env=run_env(),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
