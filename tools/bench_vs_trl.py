@@ -1,23 +1,24 @@
 """Samples/s of TRL's GRPOTrainer against rlengine on the same job, measured in one run.
 
-Same model (the embedded SmolLM2-135M-Instruct), same data (the bundled arithmetic set with the
-think/answer system prompt), same reward (answer + format), same group size, prompts per step,
-completion length and number of steps, lr 1e-6, no KL,
-one optimizer step per rollout batch (TRL's defaults: num_iterations 1). TRL generates with
-Hugging Face `generate` (its only CPU option); rlengine with vLLM when it is installed
-(`--rlengine-backend hf` for HF generate on both sides). TRL runs in one process
-with its best CPU settings measured here (bf16, no gradient checkpointing); rlengine runs as the
-user runs it (the deepspeed launcher, 2 ranks, ZeRO-3). The first step of each is warm-up and
-excluded; samples/s = samples per step / median step time.
+The job is tools/_benchjob.py's, the same on both sides: the embedded SmolLM2-135M-Instruct, the
+bundled arithmetic set with the think/answer system prompt, reward answer + format, 4 prompts x 4
+responses of up to 64 tokens a step, lr 1e-6, no KL, one optimizer step per rollout batch (TRL's
+default num_iterations 1), 6 steps of which the first 2 are left out (start-up; rlengine's
+asynchronous pipeline filling). samples/s = samples a step / median steady step time.
 
-    python tools/bench_vs_trl.py [--steps 6] [--prompts 4] [--group 4] [--max-new-tokens 64]
+TRL generates with Hugging Face `generate` (its only CPU option) in one process with every core;
+it runs in both precisions (`bf16=True` autocast, and fp32) and the faster counts: bf16 is only
+worth it where bf16 matmuls are native, and the JSON records the CPU, its flags and both figures.
+rlengine runs as a user runs it (`python -m rlengine train`, the deepspeed launcher) in each of
+`--rlengine-configs` and the fastest counts (the JSON says which):
+  colocated  2 trainer ranks (ZeRO-3), each with its own vLLM sampler, generate and train in turn
+  async      placement=separate, 1 trainer + 1 vLLM rank, rollout.max_staleness=1
 
-Last stdout line: {"trl": {"samples_per_s": ...}, "rlengine": {"samples_per_s": ...}, ...}
-(needs `pip install -c constraints.txt trl==1.16.0`, part of the `dev` extra).
+    python tools/bench_vs_trl.py [--steps 6] [--warmup 2] [--rlengine-configs colocated async]
 
-Measured here (quiet 2-core box, 6 steps, the first excluded): TRL 38.97 s/step (0.411 samples/s);
-rlengine with vLLM 24.82 s/step (0.645 samples/s: rollout 7.7 s, train 14.7 s, push + probe 2.4 s),
-1.57x; with HF generate 27.7 s/step, 1.38x.
+Last stdout line: {"trl": {"samples_per_s": ...}, "rlengine": {"samples_per_s": ..., "config": ...},
+"speedup": ..., ...} (needs `pip install -c constraints.txt trl==1.16.0`, part of the `dev` extra).
+Target (issue 14): rlengine >= 2.5x TRL. Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from tools._benchjob import add_job_arguments, cpu_description, job_from, run_rlengine, summary  # noqa: E402
 
 
 def trl_worker(args) -> dict:
@@ -68,7 +71,7 @@ def trl_worker(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = GRPOConfig(output_dir=tmp, per_device_train_batch_size=args.prompts * args.group,
                          num_generations=args.group, max_completion_length=args.max_new_tokens,
-                         learning_rate=1e-6, beta=0.0, loss_type="dapo", use_cpu=True, bf16=True,
+                         learning_rate=1e-6, beta=0.0, loss_type="dapo", use_cpu=True, bf16=args.trl_precision == "bf16",
                          gradient_checkpointing=False, max_steps=args.steps, logging_steps=1,
                          save_strategy="no", report_to="none", seed=42, temperature=1.0)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -79,75 +82,57 @@ def trl_worker(args) -> dict:
     return {"step_times": step_times}
 
 
-def run_trl(args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--_trl-worker", "--steps", str(args.steps), "--prompts",
-                          str(args.prompts), "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens)],
-                         capture_output=True, text=True, cwd=REPO)
+def run_trl(args, precision: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--_trl-worker", "--trl-precision", precision,
+                          "--steps", str(args.steps), "--prompts", str(args.prompts), "--group", str(args.group),
+                          "--max-new-tokens", str(args.max_new_tokens)], capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
-        raise RuntimeError("TRL run failed:\n" + out.stderr[-4000:])
+        raise RuntimeError(f"TRL run ({precision}) failed:\n" + out.stderr[-4000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_rlengine(args) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "rlengine", "train", "--config", str(REPO / "configs/default.yaml"),
-               "--nproc", str(args.nproc),
-               f"run.output_dir={run_dir}", f"run.total_steps={args.steps}", "run.save_every=0",
-               "run.token_dump_every=0", "run.export_final=false", "run.tensorboard=false", "run.resume=never",
-               f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
-               f"rollout.max_new_tokens={args.max_new_tokens}", "train.num_iterations=1", "train.lr=1e-6",
-               f"model.dtype={args.rlengine_dtype}", f"rollout.backend={args.rlengine_backend}", f"train.micro_batch_size={args.prompts * args.group // args.nproc}"]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-        if out.returncode != 0:
-            raise RuntimeError("rlengine run failed:\n" + out.stdout[-2000:] + out.stderr[-4000:])
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"step_times": [r["time/step"] for r in rows],
-            "phases": {k: statistics.median(r[k] for r in rows[1:]) for k in rows[1]
-                       if k.startswith("time/") and all(k in r for r in rows[1:])}}
-
-
-def summarise(step_times: list[float], samples_per_step: int) -> dict:
-    steady = step_times[1:] or step_times
-    med = statistics.median(steady)
-    return {"samples_per_s": samples_per_step / med, "s_per_step": med, "step_times": [round(t, 3) for t in step_times]}
+RLENGINE_CONFIGS = {
+    "colocated": (2, 2, ["rollout.backend=vllm", "rollout.placement=colocated"]),
+    "async": (2, 1, ["rollout.backend=vllm", "rollout.placement=separate", "rollout.num_ranks=1",
+                     "rollout.max_staleness=1"]),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--nproc", type=int, default=2, help="rlengine ranks")
-    ap.add_argument("--rlengine-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto = bf16 where bf16 matmuls are native, else fp32 (TRL runs in fp32)")
-    ap.add_argument("--rlengine-backend", default="auto", choices=["auto", "hf", "vllm"],
-                    help="rlengine's sampler; auto = vllm when installed, else hf")
+    add_job_arguments(ap)
+    ap.add_argument("--rlengine-configs", nargs="+", default=list(RLENGINE_CONFIGS), choices=list(RLENGINE_CONFIGS))
+    ap.add_argument("--trl-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--_trl-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-precision", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from rlengine.runtime import resolve_dtype
-
-    args.rlengine_dtype = resolve_dtype(args.rlengine_dtype)
     if args._trl_worker:
         print(json.dumps(trl_worker(args)))
         return
-    if args.rlengine_backend == "auto":
-        from rlengine.rollout.vllm_sampler import vllm_available
+    job = job_from(args)
+    trl_runs = {}
+    for precision in args.trl_precisions:
+        times = run_trl(args, precision)["step_times"]
+        trl_runs[precision] = {"samples_per_s": job.samples_per_step / statistics.median(times[job.warmup:]),
+                               "s_per_step": statistics.median(times[job.warmup:]), "step_times": times}
+        print(f"trl {precision:4s}: {trl_runs[precision]['s_per_step']:.2f} s/step", flush=True)
+    ours = {}
+    for name in args.rlengine_configs:
+        nproc, trainers, extra = RLENGINE_CONFIGS[name]
+        ours[name] = summary(job, run_rlengine(job, nproc, trainers, ["model.dtype=auto"] + extra))
+        print(f"rlengine {name}: {ours[name]['s_per_step']:.2f} s/step", flush=True)
+    trl_best = max(trl_runs, key=lambda p: trl_runs[p]["samples_per_s"])
+    best = max(ours, key=lambda n: ours[n]["samples_per_s"])
+    from rlengine.runtime import resolve_dtype
 
-        args.rlengine_backend = "vllm" if vllm_available() else "hf"
-    n = args.prompts * args.group
-    trl = summarise(run_trl(args)["step_times"], n)
-    print(f"trl      : {trl['s_per_step']:.2f} s/step, {trl['samples_per_s']:.2f} samples/s", flush=True)
-    ours_raw = run_rlengine(args)
-    ours = summarise(ours_raw["step_times"], n)
-    ours["phases_median_s"] = {k: round(v, 3) for k, v in ours_raw["phases"].items()}
-    print(f"rlengine : {ours['s_per_step']:.2f} s/step, {ours['samples_per_s']:.2f} samples/s", flush=True)
-    result = {"trl": trl, "rlengine": ours, "speedup": ours["samples_per_s"] / trl["samples_per_s"],
-              "setup": {"prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens,
-                        "steps": args.steps, "trl": "1 process, bf16, HF generate",
-                        "rlengine": f"{args.nproc} ranks ZeRO-3, {args.rlengine_dtype}, {args.rlengine_backend} sampler"}}
+    result = {"trl": {**trl_runs[trl_best], "precision": trl_best, "all": trl_runs},
+              "rlengine": {**ours[best], "config": best, "all": ours},
+              "speedup": ours[best]["samples_per_s"] / trl_runs[trl_best]["samples_per_s"], "target": 2.5,
+              "setup": {"job": vars(job), "cpu": cpu_description(), "trl": "1 process, every core, HF generate",
+                        "rlengine_dtype": resolve_dtype("auto"),
+                        "rlengine_configs": {n: " ".join(RLENGINE_CONFIGS[n][2]) + f" on {RLENGINE_CONFIGS[n][0]} ranks"
+                                             for n in ours}}}
+    print(f"speedup: {result['speedup']:.2f}x (rlengine {best} against TRL {trl_best})", flush=True)
     print(json.dumps(result))
 
 
