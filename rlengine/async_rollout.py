@@ -43,8 +43,8 @@ import torch.distributed as dist
 
 from rlengine.config import Config
 from rlengine.placement import (BusyClock, PushFailure, SamplerReply, Separate, Transfer, _broadcaster, _load_problem,
-                                _split, _trainer_probe_logprobs, build_local_sampler, probe_threshold,
-                                sampler_deadline, verified_push)
+                                _trainer_probe_logprobs, build_local_sampler, my_prompts, next_command,
+                                probe_threshold, sampler_deadline, verified_push)
 from rlengine.rollout.base import Generation, LoadReport, SamplingParams
 
 
@@ -210,25 +210,18 @@ def _comm_loop(cfg: Config, ctx, shared: _Shared) -> None:
     from rlengine.watchdog import collective_failure, stop_now
 
     bcast = _broadcaster(cfg, ctx)
-    my_index = ctx.rollout_ranks.index(ctx.rank)
     try:
         while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            cmd = box[0]
+            cmd = next_command()
             if cmd["op"] == "stop":
                 with shared.cond:
                     shared.stopping = True
                     shared.cond.notify_all()
                 return
             if cmd["op"] == "request":
-                everyone: list = [None] * ctx.world_size
-                dist.all_gather_object(everyone, None)
-                prompts = [p for r in ctx.trainer_ranks for p in everyone[r]]
-                lo, hi = _split(len(prompts), len(ctx.rollout_ranks), my_index)
+                prompts, lo = my_prompts(ctx)
                 with shared.cond:
-                    shared.jobs.append(_Job(cmd["step"], prompts[lo:hi], lo, cmd["n"], cmd["sampling"],
-                                            cmd["min_version"]))
+                    shared.jobs.append(_Job(cmd["step"], prompts, lo, cmd["n"], cmd["sampling"], cmd["min_version"]))
                     shared.cond.notify_all()
             elif cmd["op"] == "take":
                 piece = _wait_for_result(cfg, shared, cmd["step"])

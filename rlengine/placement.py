@@ -419,22 +419,16 @@ def serve(cfg: Config, ctx) -> int:
     model_path = resolve_model_path(cfg.model.path)
     sampler = build_local_sampler(cfg, model_path, load_tokenizer(model_path))
     bcast = _broadcaster(cfg, ctx)
-    my_index = ctx.rollout_ranks.index(ctx.rank)
     clock = BusyClock()
     try:
         while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            cmd = box[0]
+            cmd = next_command()
             if cmd["op"] == "stop":
                 break
             if cmd["op"] == "generate":
-                everyone: list = [None] * ctx.world_size
-                dist.all_gather_object(everyone, None)
-                prompts = [p for r in ctx.trainer_ranks for p in everyone[r]]
-                lo, hi = _split(len(prompts), len(ctx.rollout_ranks), my_index)
+                prompts, lo = my_prompts(ctx)
                 with clock.busy(), sampler_deadline(cfg, sampler, "generate"):
-                    gen = sampler.generate(prompts[lo:hi], cmd["n"], cmd["sampling"])
+                    gen = sampler.generate(prompts, cmd["n"], cmd["sampling"])
                 gen.prompt_index = [i + lo for i in gen.prompt_index]
                 dist.all_gather_object([None] * ctx.world_size, clock.piece(gen))
             elif cmd["op"] == "sync":
@@ -445,6 +439,23 @@ def serve(cfg: Config, ctx) -> int:
         sampler.close()
     barrier()
     return 0
+
+
+def next_command() -> dict:
+    """A rollout rank's next command from trainer rank 0 (a collective over the world group)."""
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def my_prompts(ctx) -> tuple[list, int]:
+    """A rollout rank's share of every trainer's prompts of one command (gathered over the world
+    group), and the index of its first prompt among them all."""
+    everyone: list = [None] * ctx.world_size
+    dist.all_gather_object(everyone, None)
+    prompts = [p for r in ctx.trainer_ranks for p in everyone[r]]
+    lo, hi = _split(len(prompts), len(ctx.rollout_ranks), ctx.rollout_ranks.index(ctx.rank))
+    return prompts[lo:hi], lo
 
 
 def _receive_push(bcast, sampler: Sampler, probe, temperature: float) -> SamplerReply:

@@ -78,11 +78,17 @@ def test_kill9_during_async_rollout_then_resume_trains_the_same_prompts(tmp_path
     assert max(x["staleness/max"] for x in rows) <= 2
 
 
-def test_a_load_corrupted_after_transfer_stops_the_run(tmp_path, tiny_model_dir):
+def _run_with_fault(tmp_path, tiny_model_dir, hook: str):
+    """4 steps, max_staleness=1, HF sampler, through `hook` (tests/hooks); (result, output dir)."""
     out = tmp_path / "run"
     r = run_training(tmp_path, 2, TINY + on_tiny_model(tiny_model_dir) + SEPARATE + [
         f"run.output_dir={out}", "run.total_steps=4", "rollout.max_staleness=1", "rollout.backend=hf"],
-        script="tests/hooks/train_corrupt_load.py")
+        script=f"tests/hooks/{hook}")
+    return r, out
+
+
+def test_a_load_corrupted_after_transfer_stops_the_run(tmp_path, tiny_model_dir):
+    r, out = _run_with_fault(tmp_path, tiny_model_dir, "train_corrupt_load.py")
     assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-6000:]
     assert "weight load on the rollout rank not verified: weights version 1: the digest of what the sampler " \
            "loaded differs" in r.stderr, r.stderr[-4000:]
@@ -90,10 +96,7 @@ def test_a_load_corrupted_after_transfer_stops_the_run(tmp_path, tiny_model_dir)
 
 
 def test_a_batch_past_the_bound_is_refused_by_the_trainer(tmp_path, tiny_model_dir):
-    out = tmp_path / "run"
-    r = run_training(tmp_path, 2, TINY + on_tiny_model(tiny_model_dir) + SEPARATE + [
-        f"run.output_dir={out}", "run.total_steps=4", "rollout.max_staleness=1", "rollout.backend=hf"],
-        script="tests/hooks/train_overeager_plan.py")
+    r, out = _run_with_fault(tmp_path, tiny_model_dir, "train_overeager_plan.py")
     assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-6000:]
     # step 3 is the first that can be two versions old (requested at step 1, with version 0)
     assert re.search(r"step [3-4] got samples 2 weight versions old, more than rollout.max_staleness=1", r.stderr), \
