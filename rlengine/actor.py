@@ -49,24 +49,39 @@ def make_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_i
     return SeqBatch(input_ids, attn, resp_pos, resp_mask, targets)
 
 
-def response_logprobs(model, batch: SeqBatch, temperature: float, with_entropy: bool):
+def response_logprobs(model, batch: SeqBatch, temperature: float, with_entropy: bool, share_prompt: bool = False):
     """Per-token log-prob (and entropy) of each response token under `model` (an HF causal LM or
     the DeepSpeed engine around it), through the chunked LM head: the full [B, S, V] logits never
-    exist. Returns ([B, T], [B, T] or None), zero where masked."""
-    from rlengine.logprobs import token_logprobs
+    exist. With `share_prompt`, the sequences that share a prompt run as one row with the prompt
+    once (rlengine/shared_prompt.py); the same numbers up to rounding, fewer tokens.
+    Returns ([B, T], [B, T] or None), zero where masked."""
+    from rlengine.logprobs import scored_logprobs, token_logprobs
 
+    # The forward runs where the model lives (a GPU under DeepSpeed); the results come back to the
+    # batch's device (the CPU), where the loss math and bookkeeping live. `.to()` is differentiable:
+    # backward carries the gradient to the model's device.
+    device, home = _model_device(model), batch.input_ids.device
+    if share_prompt:
+        from rlengine.shared_prompt import attention_mask_4d, pack_shared_prompts
+
+        pack = pack_shared_prompts(batch.input_ids, batch.resp_pos, batch.resp_mask, pad_id=0)
+        hf = getattr(model, "module", model)
+        mask = attention_mask_4d(pack.segments, getattr(hf.config, "_attn_implementation", None), hf.dtype)
+        logp_rows, ent_rows = scored_logprobs(model, pack.input_ids.to(device), mask.to(device),
+                                              pack.position_ids.to(device), pack.rows.to(device),
+                                              pack.targets.to(device), temperature, with_entropy)
+        where = (pack.seq_index, pack.tok_index)
+        logp = logp_rows.to(home).new_zeros(batch.resp_mask.shape).index_put(where, logp_rows.to(home))
+        ent = (ent_rows.to(home).new_zeros(batch.resp_mask.shape).index_put(where, ent_rows.to(home))
+               if with_entropy else None)
+        return logp, ent
     B, S = batch.input_ids.shape
     target = torch.zeros((B, S), dtype=torch.bool)                 # [B, S]
     sel = batch.resp_mask.bool()                                   # [B, T]
     rows = torch.arange(B).unsqueeze(1).expand_as(batch.resp_pos)
     target[rows[sel], batch.resp_pos[sel]] = True
-    # The forward runs where the model lives (a GPU under DeepSpeed); the [B, S] results come back
-    # to the batch's device (the CPU), where the loss math and bookkeeping live. `.to()` is
-    # differentiable: backward carries the gradient to the model's device.
-    device = _model_device(model)
     logp_full, ent_full = token_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
                                          target.to(device), temperature=temperature, with_entropy=with_entropy)
-    home = batch.input_ids.device
     logp_full = logp_full.to(home)
     ent_full = ent_full.to(home) if ent_full is not None else None
     logp = logp_full.gather(1, batch.resp_pos) * batch.resp_mask   # [B, T]
@@ -83,14 +98,14 @@ def _model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def batched_logprobs(model, seqs: SeqBatch, temperature: float, micro: int) -> torch.Tensor:
+def batched_logprobs(model, seqs: SeqBatch, temperature: float, micro: int, share_prompt: bool = False) -> torch.Tensor:
     """Log-probs [B, T] of every response token under `model`, `micro` sequences at a time, no grad."""
     from dataclasses import fields
 
     out = torch.zeros(seqs.resp_mask.shape)
     for idx in torch.arange(seqs.input_ids.shape[0]).split(micro):
         part = SeqBatch(*(getattr(seqs, f.name)[idx] for f in fields(SeqBatch)))
-        out[idx] = response_logprobs(model, part, temperature, with_entropy=False)[0]
+        out[idx] = response_logprobs(model, part, temperature, with_entropy=False, share_prompt=share_prompt)[0]
     return out
 
 
@@ -240,11 +255,12 @@ class Actor:
         return self.engine.module
 
     def logprobs(self, batch: SeqBatch, temperature: float, with_entropy: bool = True):
-        return response_logprobs(self.engine, batch, temperature, with_entropy)
+        return response_logprobs(self.engine, batch, temperature, with_entropy,
+                                 share_prompt=self.cfg.train.share_prompt_forward)
 
     def batch_logprobs(self, seqs: SeqBatch, temperature: float, micro: int) -> torch.Tensor:
         """pi_old: the log-probs [B, T] before this step's updates, micro-batch by micro-batch."""
-        return batched_logprobs(self.engine, seqs, temperature, micro)
+        return batched_logprobs(self.engine, seqs, temperature, micro, self.cfg.train.share_prompt_forward)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -376,6 +392,7 @@ class ReferenceModel:
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, mpu=mpu)
         self._hf_ds = None
         self.engine.eval()
+        self.share_prompt = cfg.train.share_prompt_forward
 
     def batch_logprobs(self, seqs: SeqBatch, temperature: float, micro: int) -> torch.Tensor:
-        return batched_logprobs(self.engine, seqs, temperature, micro)
+        return batched_logprobs(self.engine, seqs, temperature, micro, self.share_prompt)

@@ -260,6 +260,34 @@ def _pending_request(head, request: _HeadRequest):
         head._rlengine_request = None
 
 
+def scored_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                    rows: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = True,
+                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The general form under `token_logprobs`: one `model(...)` over input_ids [B, S] with the given
+    attention mask ([B, S], or a custom [B, 1, S, S] one) and position_ids [B, S]; then the log-prob (and
+    entropy) of targets [N] under the hidden states at flat positions rows [N] of [B * S]. Returns
+    (logp [N], entropy [N] or None), fp32 (float64 for a float64 model). The shared-prompt layout
+    (rlengine/shared_prompt.py) is why a row need not be the position just before its target."""
+    head = install_chunked_head(model)
+    request = _HeadRequest(rows=rows, targets=targets, temperature=float(temperature), with_entropy=with_entropy,
+                           chunk_size=chunk_size)
+    with _pending_request(head, request):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if request.result is None:
+        raise RuntimeError(f"token_logprobs: the forward of {type(_unwrap(model)).__name__} never called its lm_head")
+    # Use what the model *returned* (its `logits` field carries the head's (logp, entropy)), not
+    # request.result: under ZeRO-3 the lm_head's forward hooks wrap the module's outputs so that
+    # backward first re-gathers the partitioned head weight; the unwrapped tensors would reach our
+    # backward with an empty weight.
+    returned = getattr(out, "logits", None)
+    if isinstance(returned, tuple) and len(returned) == 2:
+        return returned
+    if hasattr(head.weight, "ds_id"):  # ZeRO-partitioned: the unwrapped result would break backward
+        raise RuntimeError(f"token_logprobs: {type(_unwrap(model)).__name__}'s forward did not return the "
+                           "lm_head output in its `logits` field; cannot differentiate it under ZeRO-3")
+    return request.result
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
                    temperature: float = 1.0, with_entropy: bool = True, chunk_size: int | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -278,28 +306,11 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if target_mask[:, 0].any():
         raise ValueError("token_logprobs: target_mask[:, 0] must be False (the first token has no context)")
     batch, seq = input_ids.shape
-    head = install_chunked_head(model)
     predict = target_mask[:, 1:]  # [B, S-1]: position s predicts token s+1
     batch_index, pos_index = predict.nonzero(as_tuple=True)  # [N]
-    request = _HeadRequest(rows=batch_index * seq + pos_index, targets=input_ids[batch_index, pos_index + 1],
-                           temperature=float(temperature), with_entropy=with_entropy, chunk_size=chunk_size)
-    with _pending_request(head, request):
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    if request.result is None:
-        raise RuntimeError(f"token_logprobs: the forward of {type(_unwrap(model)).__name__} never called its lm_head")
-    # Use what the model *returned* (its `logits` field carries the head's (logp, entropy)), not
-    # request.result: under ZeRO-3 the lm_head's forward hooks wrap the module's outputs so that
-    # backward first re-gathers the partitioned head weight; the unwrapped tensors would reach our
-    # backward with an empty weight.
-    returned = getattr(out, "logits", None)
-    if isinstance(returned, tuple) and len(returned) == 2:
-        logp_rows, entropy_rows = returned
-    elif hasattr(head.weight, "ds_id"):  # ZeRO-partitioned: the unwrapped result would break backward
-        raise RuntimeError(f"token_logprobs: {type(_unwrap(model)).__name__}'s forward did not return the "
-                           "lm_head output in its `logits` field; cannot differentiate it under ZeRO-3")
-    else:
-        logp_rows, entropy_rows = request.result
+    logp_rows, entropy_rows = scored_logprobs(
+        model, input_ids, attention_mask, position_ids_from_mask(attention_mask), batch_index * seq + pos_index,
+        input_ids[batch_index, pos_index + 1], temperature, with_entropy, chunk_size)
     logp = logp_rows.new_zeros((batch, seq)).index_put((batch_index, pos_index + 1), logp_rows)  # [B, S]
     entropy = None
     if with_entropy:

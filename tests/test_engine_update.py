@@ -21,7 +21,7 @@ import torch
 from tests.engine_helpers import run_training
 
 TEMPERATURE, EPS, KL_COEF, ENTROPY_COEF = 0.8, 0.2, 0.1, 0.01
-PROMPT_LENS = [3, 5, 4, 6, 3, 4, 5, 3]
+PROMPT_LENS = [3, 3, 4, 4, 6, 6, 5, 5]            # groups of 2 share a prompt (train.share_prompt_forward packs them)
 RESPONSE_LENS = [5, 2, 7, 1, 6, 6, 3, 4]          # ragged: padding inside every micro-batch
 VOCAB, HIDDEN, LAYERS = 96, 32, 2
 
@@ -39,8 +39,9 @@ def _batch(model) -> dict:
     data = {"input_ids": torch.full((B, S), 2), "attention_mask": torch.zeros(B, S, dtype=torch.long),
             "resp_pos": torch.zeros(B, T, dtype=torch.long), "resp_mask": torch.zeros(B, T),
             "targets": torch.full((B, T), 2)}
+    prompts = [torch.randint(3, VOCAB, (p,), generator=g) for p in PROMPT_LENS[::2]]
     for i, (p, r) in enumerate(zip(PROMPT_LENS, RESPONSE_LENS)):
-        ids = torch.randint(3, VOCAB, (p + r,), generator=g)
+        ids = torch.cat([prompts[i // 2], torch.randint(3, VOCAB, (r,), generator=g)])
         data["input_ids"][i, :p + r] = ids
         data["attention_mask"][i, :p + r] = 1
         data["resp_pos"][i, :r] = torch.arange(p, p + r)
@@ -109,11 +110,12 @@ def _tolerance(dtype) -> float:
     return torch.finfo(torch.bfloat16).eps * passes * 2
 
 
-@pytest.mark.parametrize("agg,dtype", [("token-mean", "fp32"), ("seq-mean-token-mean", "fp32"),
-                                       ("token-mean", "bf16")])
-def test_one_engine_step_has_the_gradient_of_the_objective(tmp_path, tiny_llama_config, agg, dtype):
+@pytest.mark.parametrize("agg,dtype,share", [("token-mean", "fp32", False), ("seq-mean-token-mean", "fp32", False),
+                                             ("token-mean", "bf16", False), ("token-mean", "fp32", True)])
+def test_one_engine_step_has_the_gradient_of_the_objective(tmp_path, tiny_llama_config, agg, dtype, share):
     """bf16 runs on every CPU (torch emulates it where it is not native, slowly but with the same
-    rounding); on AVX512-BF16 / AMX machines and GPUs it exercises the native kernels."""
+    rounding); on AVX512-BF16 / AMX machines and GPUs it exercises the native kernels. `share`: each
+    group's prompt runs once for both responses (rlengine/shared_prompt.py), policy and reference."""
     from transformers import LlamaForCausalLM
 
     actor_dir, ref_dir, out = tmp_path / "actor", tmp_path / "ref", tmp_path / "run"
@@ -127,7 +129,8 @@ def test_one_engine_step_has_the_gradient_of_the_objective(tmp_path, tiny_llama_
         "rollout.prompts_per_step=4", "rollout.group_size=2", f"rollout.temperature={TEMPERATURE}",
         f"rollout.max_new_tokens={max(RESPONSE_LENS)}", "train.micro_batch_size=2",   # 4 sequences a rank: 2 micro-batches
         f"train.kl_coef={KL_COEF}", f"train.entropy_coef={ENTROPY_COEF}", "loss.name=grpo", f"loss.agg={agg}",
-        f"loss.eps_low={EPS}", f"loss.eps_high={EPS}"], script="tests/hooks/one_update.py", timeout=600)
+        f"loss.eps_low={EPS}", f"loss.eps_high={EPS}", f"train.share_prompt_forward={share}"],
+        script="tests/hooks/one_update.py", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     engine = torch.load(out / "grads.pt", weights_only=True)
     assert float(engine.pop("__micro_batches__")) == 2          # gradient accumulation over 2 micro-batches

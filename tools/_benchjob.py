@@ -3,7 +3,9 @@
 tools/bench_vs_trl.py, tools/bench_async.py and tools/bench_overhead.py all measure the same work:
 the embedded SmolLM2-135M-Instruct on the bundled arithmetic set with the think/answer system
 prompt, reward answer + format, `prompts` x `group` responses of up to `max_new_tokens` a step,
-lr 1e-6, no KL, one optimizer step per rollout batch (num_iterations 1, one mini-batch). A run's
+lr 1e-6, no KL, one optimizer step per rollout batch (num_iterations 1, one mini-batch), each group's
+prompt run once for its responses in training (train.share_prompt_forward, `--no-share-prompt` to
+turn it off; bench_overhead.py always does, its bare parts being plain padded forwards). A run's
 first `warmup` steps are excluded (start-up, and with asynchronous rollout the pipeline filling);
 a step's time is the trainer's `time/step`, which in steady state is the period of the loop in both
 modes (in async mode it includes waiting for the next batch), so samples/s = samples a step /
@@ -32,6 +34,7 @@ class Job:
     steps: int = 6
     warmup: int = 2
     lr: float = 1e-6
+    share_prompt: bool = True
 
     @property
     def samples_per_step(self) -> int:
@@ -43,7 +46,8 @@ class Job:
                 "run.export_final=false", "run.tensorboard=false", "run.resume=never",
                 f"rollout.prompts_per_step={self.prompts}", f"rollout.group_size={self.group}",
                 f"rollout.max_new_tokens={self.max_new_tokens}", "train.num_iterations=1", f"train.lr={self.lr}",
-                f"train.micro_batch_size={self.samples_per_step // trainers}"]
+                f"train.micro_batch_size={self.samples_per_step // trainers}",
+                f"train.share_prompt_forward={str(self.share_prompt).lower()}"]
 
 
 def add_job_arguments(ap) -> None:
@@ -53,12 +57,15 @@ def add_job_arguments(ap) -> None:
     ap.add_argument("--prompts", type=int, default=d.prompts)
     ap.add_argument("--group", type=int, default=d.group)
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    ap.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
+                    help="train on padded prompt+response rows (train.share_prompt_forward=false)")
 
 
 def job_from(args) -> Job:
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}")
-    return Job(args.prompts, args.group, args.max_new_tokens, args.steps, args.warmup)
+    return Job(args.prompts, args.group, args.max_new_tokens, args.steps, args.warmup,
+               share_prompt=getattr(args, "share_prompt", True))
 
 
 def run_rlengine(job: Job, nproc: int, trainers: int, extra: list[str]) -> list[dict]:

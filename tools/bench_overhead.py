@@ -158,6 +158,7 @@ def main() -> None:
             print(json.dumps(fn(json.loads(Path(getattr(args, part)).read_text()))))
             return
     job = job_from(args)
+    job.share_prompt = False     # the bare training part is a plain padded forward+backward: the same work
     runs = {}
     for mode, k in (("sync", 0), ("async", 1)):
         runs[mode] = run_rlengine(job, nproc=2, trainers=1, extra=SEPARATE + [f"rollout.max_staleness={k}"])

@@ -6,9 +6,11 @@ responses of up to 64 tokens a step, lr 1e-6, no KL, one optimizer step per roll
 default num_iterations 1), 6 steps of which the first 2 are left out (start-up; rlengine's
 asynchronous pipeline filling). samples/s = samples a step / median steady step time.
 
-TRL generates with Hugging Face `generate` (its only CPU option) in one process with every core;
-it runs in both precisions (`bf16=True` autocast, and fp32) and the faster counts: bf16 is only
-worth it where bf16 matmuls are native, and the JSON records the CPU, its flags and both figures.
+TRL generates with Hugging Face `generate` (its only CPU option) in one process with every core,
+in fp32 and, where bf16 matmuls are native (AVX512-BF16, AMX, a GPU), also with `bf16=True`; the
+faster counts. Where bf16 is emulated (AVX2 only) it is 10x slower and takes hours
+(docs/benchmarks.md: 701.6 s/step against 68.1 in fp32 on the AMD EPYC box), so it is left out
+unless `--trl-precisions fp32 bf16` asks for it; the JSON records the CPU, its flags and why.
 rlengine runs as a user runs it (`python -m rlengine train`, the deepspeed launcher) in each of
 `--rlengine-configs` and the fastest counts (the JSON says which):
   colocated  2 trainer ranks (ZeRO-3), each with its own vLLM sampler, generate and train in turn
@@ -102,7 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_job_arguments(ap)
     ap.add_argument("--rlengine-configs", nargs="+", default=list(RLENGINE_CONFIGS), choices=list(RLENGINE_CONFIGS))
-    ap.add_argument("--trl-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--trl-precisions", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32, plus bf16 where it is native on this CPU")
     ap.add_argument("--_trl-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trl-precision", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -110,8 +113,11 @@ def main() -> None:
         print(json.dumps(trl_worker(args)))
         return
     job = job_from(args)
+    cpu = cpu_description()
+    precisions = args.trl_precisions or (["fp32", "bf16"] if cpu["native_bf16"] else ["fp32"])
+    skipped = {} if "bf16" in precisions else {"bf16": "not native on this CPU (emulated: ~10x slower than fp32)"}
     trl_runs = {}
-    for precision in args.trl_precisions:
+    for precision in precisions:
         times = run_trl(args, precision)["step_times"]
         trl_runs[precision] = {"samples_per_s": job.samples_per_step / statistics.median(times[job.warmup:]),
                                "s_per_step": statistics.median(times[job.warmup:]), "step_times": times}
@@ -125,10 +131,10 @@ def main() -> None:
     best = max(ours, key=lambda n: ours[n]["samples_per_s"])
     from rlengine.runtime import resolve_dtype
 
-    result = {"trl": {**trl_runs[trl_best], "precision": trl_best, "all": trl_runs},
+    result = {"trl": {**trl_runs[trl_best], "precision": trl_best, "all": trl_runs, "skipped": skipped},
               "rlengine": {**ours[best], "config": best, "all": ours},
               "speedup": ours[best]["samples_per_s"] / trl_runs[trl_best]["samples_per_s"], "target": 2.5,
-              "setup": {"job": vars(job), "cpu": cpu_description(), "trl": "1 process, every core, HF generate",
+              "setup": {"job": vars(job), "cpu": cpu, "trl": "1 process, every core, HF generate",
                         "rlengine_dtype": resolve_dtype("auto"),
                         "rlengine_configs": {n: " ".join(RLENGINE_CONFIGS[n][2]) + f" on {RLENGINE_CONFIGS[n][0]} ranks"
                                              for n in ours}}}

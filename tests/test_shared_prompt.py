@@ -1,0 +1,138 @@
+"""Shared-prompt packing (rlengine/shared_prompt.py): the layout, the mask, and that a packed forward
+gives the padded forward's log-probs, entropies and gradients on tiny random Llama and Qwen2 models.
+
+The model checks run in float64 so that the comparison tests the layout, not the rounding (HF's RMSNorm
+computes in float32 whatever the input: the test swaps in a float64 one, else each prompt copy's
+gradient is rounded to float32 separately in one layout and their sum once in the other, 1e-7
+apart). The two
+layouts compute every hidden state from the same terms (a masked key contributes an exact zero to
+the softmax), in a different reduction order, so they agree to a few float64 ulps of the largest
+magnitude summed. With |logits| and |logp| of order 10 and ~100-term sums, 1e-10 is 10^5 times that
+rounding (eps 2.2e-16) and 10^5 times smaller than any layout error (a token seeing a sibling or a
+position off moves log-probs by > 1e-4 here: the mutation tests below show it).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlengine.actor import make_batch, response_logprobs
+from rlengine.shared_prompt import PAD, PROMPT, allowed_attention, attention_mask_4d, pack_shared_prompts
+
+TOL64 = 1e-10
+
+
+def _batch():
+    """Two groups (prompts of 5 and 3 tokens), one empty response, uneven lengths: [B=6]."""
+    p1, p2 = [1, 11, 12, 13, 14], [1, 21, 22]
+    prompts = [p1, p1, p1, p2, p2, p2]
+    responses = [[30, 31, 32], [40], [50, 51], [60, 61, 62, 63], [], [70, 2]]
+    return make_batch(prompts, responses, pad_id=2), prompts, responses
+
+
+def test_pack_layout_positions_segments_and_targets():
+    batch, prompts, responses = _batch()
+    pack = pack_shared_prompts(batch.input_ids, batch.resp_pos, batch.resp_mask, pad_id=2)
+    assert pack.input_ids.tolist() == [[1, 11, 12, 13, 14, 30, 31, 32, 40, 50, 51],
+                                       [1, 21, 22, 60, 61, 62, 63, 70, 2, 2, 2]]
+    assert pack.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 5, 5, 6],
+                                          [0, 1, 2, 3, 4, 5, 6, 3, 4, 0, 0]]
+    assert pack.segments.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 2, 3, 3],
+                                      [0, 0, 0, 1, 1, 1, 1, 2, 2, -1, -1]]
+    # every scored token is the source batch's token at that place, predicted from the state before it
+    flat = pack.input_ids.reshape(-1)
+    assert torch.equal(pack.targets, batch.targets[pack.seq_index, pack.tok_index])
+    L = pack.input_ids.shape[1]
+    for row, target, i, t in zip(pack.rows.tolist(), pack.targets.tolist(), pack.seq_index.tolist(),
+                                 pack.tok_index.tolist()):
+        before = prompts[i][-1] if t == 0 else responses[i][t - 1]
+        assert flat[row] == before, (i, t)
+        if t == 0:
+            assert row % L == len(prompts[i]) - 1      # the prompt's last state, shared by the group
+    assert sorted(zip(pack.seq_index.tolist(), pack.tok_index.tolist())) == \
+        [(i, t) for i, r in enumerate(responses) for t in range(len(r))]
+
+
+def test_mask_blocks_siblings_and_padding():
+    segments = torch.tensor([[PROMPT, PROMPT, 1, 1, 2, 2, PAD]])
+    allowed = allowed_attention(segments)[0, 0]                              # [L, L]
+    assert allowed[3].tolist() == [True, True, True, True, False, False, False]   # own response + prompt
+    assert allowed[5].tolist() == [True, True, False, False, True, True, False]   # never sibling 1
+    assert allowed[1].tolist() == [True, True, False, False, False, False, False]  # causal in the prompt
+    assert allowed.any(dim=1).all()                                          # no empty row (no NaN)
+    eager = attention_mask_4d(segments, "eager", torch.float64)
+    assert torch.equal(eager == 0, allowed_attention(segments)) and eager.min() == torch.finfo(torch.float64).min
+    with pytest.raises(ValueError, match="train.share_prompt_forward"):
+        attention_mask_4d(segments, "flash_attention_2", torch.float32)
+
+
+def _rms_norm_float64(self, hidden):
+    return self.weight * hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+def _tiny(kind: str, attn: str):
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=2)
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
+    model.config._attn_implementation = attn
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(_rms_norm_float64, module)
+    return model.double()
+
+
+@pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_packed_forward_equals_padded(kind, attn):
+    model = _tiny(kind, attn)
+    batch, *_ = _batch()
+    weights = torch.randn(batch.resp_mask.shape, dtype=torch.float64)        # [B, T] an arbitrary loss
+
+    def run(share: bool):
+        model.zero_grad()
+        logp, ent = response_logprobs(model, batch, 0.8, with_entropy=True, share_prompt=share)
+        (-(logp * weights).sum() - 0.1 * (ent * weights).sum()).backward()
+        return logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logp0, ent0, grads0 = run(False)
+    logp1, ent1, grads1 = run(True)
+    assert (logp0 - logp1).abs().max() < TOL64
+    assert (ent0 - ent1).abs().max() < TOL64
+    assert logp0.abs().max() > 1                                             # the comparison is not of zeros
+    if attn == "eager":   # eager attention takes its softmax in float32: its gradients carry fp32 rounding
+        return
+    for name, g in grads0.items():
+        assert (g - grads1[name]).abs().max() < TOL64 * max(1.0, g.abs().max().item()), name
+    assert (logp1 * (1 - batch.resp_mask)).abs().max() == 0                   # padding stays zero
+
+
+@pytest.mark.parametrize("mutation", ["sibling_visible", "positions_continue"])
+def test_layout_errors_are_visible(monkeypatch, mutation):
+    """The guards above can fail: a mask that lets a response see its siblings, or positions that run on
+    through the row, move the log-probs far beyond TOL64."""
+    import rlengine.shared_prompt as sp
+
+    model = _tiny("llama", "sdpa")
+    batch, *_ = _batch()
+    with torch.no_grad():
+        padded, _ = response_logprobs(model, batch, 0.8, with_entropy=False)
+        if mutation == "sibling_visible":
+            monkeypatch.setattr(sp, "allowed_attention", lambda seg: torch.ones(
+                (seg.shape[0], 1, seg.shape[1], seg.shape[1]), dtype=torch.bool).tril())
+        else:
+            real = sp.pack_shared_prompts
+
+            def running_positions(*a, **k):
+                pack = real(*a, **k)
+                pack.position_ids = torch.arange(pack.position_ids.shape[1]).expand_as(pack.position_ids).clone()
+                return pack
+            monkeypatch.setattr(sp, "pack_shared_prompts", running_positions)
+        packed, _ = response_logprobs(model, batch, 0.8, with_entropy=False, share_prompt=True)
+    assert (padded - packed).abs().max() > 1e-6
