@@ -71,10 +71,8 @@ def response_logprobs(model, batch: SeqBatch, temperature: float, with_entropy: 
                                               pack.position_ids.to(device), pack.rows.to(device),
                                               pack.targets.to(device), temperature, with_entropy)
         where = (pack.seq_index, pack.tok_index)
-        logp = logp_rows.to(home).new_zeros(batch.resp_mask.shape).index_put(where, logp_rows.to(home))
-        ent = (ent_rows.to(home).new_zeros(batch.resp_mask.shape).index_put(where, ent_rows.to(home))
-               if with_entropy else None)
-        return logp, ent
+        scatter = (lambda rows_: rows_.to(home).new_zeros(batch.resp_mask.shape).index_put(where, rows_.to(home)))
+        return scatter(logp_rows), (scatter(ent_rows) if with_entropy else None)
     B, S = batch.input_ids.shape
     target = torch.zeros((B, S), dtype=torch.bool)                 # [B, S]
     sel = batch.resp_mask.bool()                                   # [B, T]

@@ -65,7 +65,7 @@ def job_from(args) -> Job:
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     return Job(args.prompts, args.group, args.max_new_tokens, args.steps, args.warmup,
-               share_prompt=getattr(args, "share_prompt", True))
+               share_prompt=args.share_prompt)
 
 
 def run_rlengine(job: Job, nproc: int, trainers: int, extra: list[str]) -> list[dict]:
