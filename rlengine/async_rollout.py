@@ -189,7 +189,6 @@ class _Shared:
 
 def serve_async(cfg: Config, ctx) -> int:
     """A rollout rank with max_staleness >= 1: the comm thread answers commands, this thread samples."""
-    from rlengine.distributed import barrier
     from rlengine.model import load_tokenizer, resolve_model_path
 
     model_path = resolve_model_path(cfg.model.path)
@@ -202,7 +201,6 @@ def serve_async(cfg: Config, ctx) -> int:
     finally:
         sampler.close()
     comm.join()
-    barrier()
     return 0
 
 

@@ -150,6 +150,19 @@ def release_deepspeed_shm(rank: int, world: int) -> None:
         pass
 
 
+def finish_distributed() -> None:
+    """End a clean run on every rank: a barrier, then destroy the process groups while the
+    interpreter is still whole. A gloo group left to interpreter teardown can abort the process
+    (SIGABRT, "terminate called without an active exception": its worker threads are still
+    joinable when their C++ objects are destroyed) and the launcher then reports a finished run
+    as failed; 2 processes with async all-reduces and no destroy aborted 17 times in 40 here.
+    The barrier waits at most run.collective_timeout_s (the groups' timeout)."""
+    if not dist.is_initialized():
+        return
+    barrier()
+    dist.destroy_process_group()
+
+
 def barrier(group=None) -> None:
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.barrier(group=group)

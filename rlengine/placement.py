@@ -409,7 +409,6 @@ class Separate:
 def serve(cfg: Config, ctx) -> int:
     """The loop of a rollout rank: serve generate / sync commands until told to stop (with
     rollout.max_staleness >= 1: `async_rollout.serve_async`)."""
-    from rlengine.distributed import barrier
     from rlengine.model import load_tokenizer, resolve_model_path
 
     if cfg.rollout.max_staleness:
@@ -437,7 +436,6 @@ def serve(cfg: Config, ctx) -> int:
                 dist.all_gather_object([None] * ctx.world_size, reply)
     finally:
         sampler.close()
-    barrier()
     return 0
 
 

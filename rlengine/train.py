@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rlengine: config error: {e}", file=sys.stderr)
         return 2
-    from rlengine.distributed import barrier, init_distributed
+    from rlengine.distributed import finish_distributed, init_distributed
     from rlengine.async_rollout import StaleBatch
     from rlengine.placement import PushFailure
     from rlengine.watchdog import collective_failure, stop_now
@@ -123,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warn_emulated_bf16(cfg, ctx.is_main)
     try:
-        if not ctx.is_trainer:
+        if ctx.is_trainer:
+            code = train(cfg, ctx)
+        else:
             from rlengine.placement import serve
 
-            return serve(cfg, ctx)
-        code = train(cfg, ctx)
+            code = serve(cfg, ctx)
     except (TrainingStopped, PushFailure, StaleBatch) as e:  # every trainer rank stops at the same step
         if ctx.is_main:
             print(f"rlengine: training stopped: {e}", file=sys.stderr)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_now(f"a collective with the other ranks failed: {why}")
     # no barrier after an exception: a rank that raised exits at once with its traceback and the
     # launcher stops the others (a barrier there hung forever beside a rank inside a collective)
-    barrier()
+    finish_distributed()
     return code
 
 

@@ -20,7 +20,7 @@ def main() -> int:
     from rlengine.actor import Actor, ReferenceModel, SeqBatch
     from rlengine.batch import RolloutBatch
     from rlengine.config import parse_cli
-    from rlengine.distributed import init_distributed
+    from rlengine.distributed import finish_distributed, init_distributed
     from rlengine.losses import LOSSES
     from rlengine.step_metrics import StepMetrics
 
@@ -56,6 +56,7 @@ def main() -> int:
     if ctx.is_main:
         captured["__loss__"] = torch.tensor(record["loss_sum"])
         torch.save(captured, out / "grads.pt")
+    finish_distributed()
     return 0
 
 

@@ -16,7 +16,7 @@ DROPPED = "model.norm.weight"
 def main() -> int:
     from rlengine.actor import Actor
     from rlengine.config import parse_cli
-    from rlengine.distributed import init_distributed
+    from rlengine.distributed import finish_distributed, init_distributed
     from rlengine.model import load_tokenizer, resolve_model_path
     from rlengine.placement import Colocated, PushFailure, build_local_sampler
     from rlengine.rollout.base import LoadReport
@@ -83,6 +83,7 @@ def main() -> int:
         attempt(case, fault, times)
     if ctx.is_main:
         (Path(cfg.run.output_dir) / "faults.json").write_text(json.dumps(results))
+    finish_distributed()
     return 0
 
 
