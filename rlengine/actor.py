@@ -53,7 +53,8 @@ def response_logprobs(model, batch: SeqBatch, temperature: float, with_entropy: 
     """Per-token log-prob (and entropy) of each response token under `model` (an HF causal LM or
     the DeepSpeed engine around it), through the chunked LM head: the full [B, S, V] logits never
     exist. With `share_prompt`, the sequences that share a prompt run as one row with the prompt
-    once (rlengine/shared_prompt.py); the same numbers up to rounding, fewer tokens.
+    once, and the groups' common prefix once where that is cheaper (rlengine/shared_prompt.py);
+    the same numbers up to rounding, fewer tokens.
     Returns ([B, T], [B, T] or None), zero where masked."""
     from rlengine.logprobs import scored_logprobs, token_logprobs
 
@@ -62,11 +63,13 @@ def response_logprobs(model, batch: SeqBatch, temperature: float, with_entropy: 
     # backward carries the gradient to the model's device.
     device, home = _model_device(model), batch.input_ids.device
     if share_prompt:
-        from rlengine.shared_prompt import attention_mask_4d, pack_shared_prompts
+        from rlengine.shared_prompt import attention_mask_4d, attention_pair_cost, pack_shared_prompts
 
-        pack = pack_shared_prompts(batch.input_ids, batch.resp_pos, batch.resp_mask, pad_id=0)
         hf = getattr(model, "module", model)
-        mask = attention_mask_4d(pack.segments, getattr(hf.config, "_attn_implementation", None), hf.dtype)
+        pack = pack_shared_prompts(batch.input_ids, batch.resp_pos, batch.resp_mask, pad_id=0,
+                                   pair_cost=attention_pair_cost(hf.config))
+        mask = attention_mask_4d(pack.segments, getattr(hf.config, "_attn_implementation", None), hf.dtype,
+                                 pack.parents)
         logp_rows, ent_rows = scored_logprobs(model, pack.input_ids.to(device), mask.to(device),
                                               pack.position_ids.to(device), pack.rows.to(device),
                                               pack.targets.to(device), temperature, with_entropy)

@@ -143,9 +143,10 @@ class TrainConfig:
     num_iterations: int = _opt(2, "passes over each rollout batch (the gate paper: 2)", ge=1)
     mini_batch_prompts: Optional[int] = _opt(None, "prompts per optimizer step (None = the whole rollout batch)", ge=1)
     micro_batch_size: int = _opt(4, "sequences per forward/backward per rank (gradient accumulation is derived)", ge=1)
-    share_prompt_forward: bool = _opt(False, "run each prompt once per micro-batch for all its responses (a block "
-                                      "attention mask, rlengine/shared_prompt.py): same numbers, fewer tokens; "
-                                      "sdpa/eager attention, dense [L, L] mask per prompt")
+    share_prompt_forward: bool = _opt(False, "run each prompt once per micro-batch for all its responses, and the "
+                                      "groups' common prefix once per row where cheaper (a tree attention mask, "
+                                      "rlengine/shared_prompt.py): same numbers, fewer tokens; sdpa/eager "
+                                      "attention, dense [L, L] mask per row")
     lr: float = _opt(1e-6, "AdamW learning rate", gt=0)
     betas: list[float] = _opt([0.9, 0.999], "AdamW betas")
     adam_eps: float = _opt(1e-8, "AdamW eps", gt=0)

@@ -1,5 +1,5 @@
 """The update is right: one optimizer step of the real engine (2 ranks, DeepSpeed ZeRO-3, gradient
-accumulation 2, fp32) on a fixed batch gives the gradient of the objective written out here, in
+accumulation over 2 micro-batches, fp32) on a fixed batch gives the gradient of the objective written out here, in
 plain single-process PyTorch, independently of rlengine's loss code:
 
     L = agg_t( -min(r_t A_t, clip(r_t, 1 - 0.2, 1 + 0.2) A_t) )       GRPO, r_t = pi_theta / pi_old
@@ -22,6 +22,7 @@ from tests.engine_helpers import run_training
 
 TEMPERATURE, EPS, KL_COEF, ENTROPY_COEF = 0.8, 0.2, 0.1, 0.01
 PROMPT_LENS = [3, 3, 4, 4, 6, 6, 5, 5]            # groups of 2 share a prompt (train.share_prompt_forward packs them)
+SYSTEM = [5, 6]                                   # and every prompt starts with these (packed once, merged layout)
 RESPONSE_LENS = [5, 2, 7, 1, 6, 6, 3, 4]          # ragged: padding inside every micro-batch
 VOCAB, HIDDEN, LAYERS = 96, 32, 2
 
@@ -39,7 +40,8 @@ def _batch(model) -> dict:
     data = {"input_ids": torch.full((B, S), 2), "attention_mask": torch.zeros(B, S, dtype=torch.long),
             "resp_pos": torch.zeros(B, T, dtype=torch.long), "resp_mask": torch.zeros(B, T),
             "targets": torch.full((B, T), 2)}
-    prompts = [torch.randint(3, VOCAB, (p,), generator=g) for p in PROMPT_LENS[::2]]
+    prompts = [torch.cat([torch.tensor(SYSTEM), torch.randint(7, VOCAB, (p - len(SYSTEM),), generator=g)])
+               for p in PROMPT_LENS[::2]]
     for i, (p, r) in enumerate(zip(PROMPT_LENS, RESPONSE_LENS)):
         ids = torch.cat([prompts[i // 2], torch.randint(3, VOCAB, (r,), generator=g)])
         data["input_ids"][i, :p + r] = ids
@@ -110,13 +112,19 @@ def _tolerance(dtype) -> float:
     return torch.finfo(torch.bfloat16).eps * passes * 2
 
 
-@pytest.mark.parametrize("agg,dtype,share", [("token-mean", "fp32", False), ("seq-mean-token-mean", "fp32", False),
-                                             ("token-mean", "bf16", False), ("token-mean", "fp32", True)])
-def test_one_engine_step_has_the_gradient_of_the_objective(tmp_path, tiny_llama_config, agg, dtype, share):
+@pytest.mark.parametrize("agg,dtype,share,micro", [
+    ("token-mean", "fp32", False, 2), ("seq-mean-token-mean", "fp32", False, 2), ("token-mean", "bf16", False, 2),
+    ("token-mean", "fp32", True, 2), ("token-mean", "fp32", True, 4)])
+def test_one_engine_step_has_the_gradient_of_the_objective(tmp_path, tiny_llama_config, agg, dtype, share, micro):
     """bf16 runs on every CPU (torch emulates it where it is not native, slowly but with the same
     rounding); on AVX512-BF16 / AMX machines and GPUs it exercises the native kernels. `share`: each
-    group's prompt runs once for both responses (rlengine/shared_prompt.py), policy and reference."""
+    group's prompt runs once for both responses (rlengine/shared_prompt.py), policy and reference; with
+    micro-batches of 2 a row per prompt, with 4 (one micro-batch of 2 groups a rank) one row holding
+    both groups with their common prefix once."""
     from transformers import LlamaForCausalLM
+
+    from rlengine.actor import SeqBatch
+    from rlengine.shared_prompt import attention_pair_cost, pack_shared_prompts
 
     actor_dir, ref_dir, out = tmp_path / "actor", tmp_path / "ref", tmp_path / "run"
     out.mkdir()
@@ -124,16 +132,24 @@ def test_one_engine_step_has_the_gradient_of_the_objective(tmp_path, tiny_llama_
     _write_model(ref_dir, 1, tiny_llama_config)
     data = _batch(LlamaForCausalLM.from_pretrained(actor_dir, dtype=torch.float32))
     torch.save(data, out / "batch.pt")
+    if share:   # the layout the engine will choose for each rank's micro-batches, by the same rule
+        for rank_rows in (slice(0, 4), slice(4, 8)):
+            for part in torch.arange(8)[rank_rows].split(micro):
+                seqs = SeqBatch(*(data[k][part] for k in ("input_ids", "attention_mask", "resp_pos", "resp_mask",
+                                                          "targets")))
+                pack = pack_shared_prompts(seqs.input_ids, seqs.resp_pos, seqs.resp_mask, 0,
+                                           attention_pair_cost(tiny_llama_config))
+                assert pack.input_ids.shape[0] == 1 and (pack.parents.numel() > 1 + micro) == (micro == 4)
     r = run_training(tmp_path, 2, [
         f"model.path={actor_dir}", f"model.ref_path={ref_dir}", f"model.dtype={dtype}", f"run.output_dir={out}",
         "rollout.prompts_per_step=4", "rollout.group_size=2", f"rollout.temperature={TEMPERATURE}",
-        f"rollout.max_new_tokens={max(RESPONSE_LENS)}", "train.micro_batch_size=2",   # 4 sequences a rank: 2 micro-batches
+        f"rollout.max_new_tokens={max(RESPONSE_LENS)}", f"train.micro_batch_size={micro}",   # 4 sequences a rank
         f"train.kl_coef={KL_COEF}", f"train.entropy_coef={ENTROPY_COEF}", "loss.name=grpo", f"loss.agg={agg}",
         f"loss.eps_low={EPS}", f"loss.eps_high={EPS}", f"train.share_prompt_forward={share}"],
         script="tests/hooks/one_update.py", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     engine = torch.load(out / "grads.pt", weights_only=True)
-    assert float(engine.pop("__micro_batches__")) == 2          # gradient accumulation over 2 micro-batches
+    assert float(engine.pop("__micro_batches__")) == 4 // micro  # gradient accumulation over the micro-batches
     engine_loss = float(engine.pop("__loss__"))
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     want_loss, want = _reference(actor_dir, ref_dir, data, agg, torch_dtype)
