@@ -250,18 +250,18 @@ class Actor:
         self.engine.train()
         self.grad_accum, self.dp_group = grad_accum, dp_group
         self.dp_world = world
+        self.share_prompt = cfg.train.share_prompt_forward
 
     @property
     def module(self):
         return self.engine.module
 
     def logprobs(self, batch: SeqBatch, temperature: float, with_entropy: bool = True):
-        return response_logprobs(self.engine, batch, temperature, with_entropy,
-                                 share_prompt=self.cfg.train.share_prompt_forward)
+        return response_logprobs(self.engine, batch, temperature, with_entropy, share_prompt=self.share_prompt)
 
     def batch_logprobs(self, seqs: SeqBatch, temperature: float, micro: int) -> torch.Tensor:
         """pi_old: the log-probs [B, T] before this step's updates, micro-batch by micro-batch."""
-        return batched_logprobs(self.engine, seqs, temperature, micro, self.cfg.train.share_prompt_forward)
+        return batched_logprobs(self.engine, seqs, temperature, micro, self.share_prompt)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -50,15 +50,20 @@ class Job:
                 f"train.share_prompt_forward={str(self.share_prompt).lower()}"]
 
 
-def add_job_arguments(ap) -> None:
+def add_job_arguments(ap, share_prompt_flag: bool = True) -> None:
+    """The job's command-line flags; `share_prompt_flag=False` for a tool that always trains on padded
+    rows (it then has no --no-share-prompt to accept and ignore)."""
     d = Job()
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--warmup", type=int, default=d.warmup, help="first steps left out of every figure")
     ap.add_argument("--prompts", type=int, default=d.prompts)
     ap.add_argument("--group", type=int, default=d.group)
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    ap.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
-                    help="train on padded prompt+response rows (train.share_prompt_forward=false)")
+    if share_prompt_flag:
+        ap.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
+                        help="train on padded prompt+response rows (train.share_prompt_forward=false)")
+    else:
+        ap.set_defaults(share_prompt=False)
 
 
 def job_from(args) -> Job:

@@ -149,7 +149,7 @@ def _run_part(part: str, spec: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_job_arguments(ap)
+    add_job_arguments(ap, share_prompt_flag=False)   # the bare training part is a plain padded forward+backward
     ap.add_argument("--_generate", help=argparse.SUPPRESS)
     ap.add_argument("--_train", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -158,7 +158,6 @@ def main() -> None:
             print(json.dumps(fn(json.loads(Path(getattr(args, part)).read_text()))))
             return
     job = job_from(args)
-    job.share_prompt = False     # the bare training part is a plain padded forward+backward: the same work
     runs = {}
     for mode, k in (("sync", 0), ("async", 1)):
         runs[mode] = run_rlengine(job, nproc=2, trainers=1, extra=SEPARATE + [f"rollout.max_staleness={k}"])
