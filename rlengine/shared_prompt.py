@@ -55,7 +55,11 @@ class SharedPromptPack:
 
 def _prompt_length(resp_pos: torch.Tensor, resp_mask: torch.Tensor, i: int) -> int | None:
     """Sequence i's prompt length (its first response token's index), None when the response is empty."""
-    return int(resp_pos[i, 0]) if resp_mask[i, 0] > 0 else None
+    if resp_mask[i, 0] <= 0:
+        return None
+    if int(resp_pos[i, 0]) < 1:
+        raise ValueError(f"sequence {i} has an empty prompt: no state predicts its first response token")
+    return int(resp_pos[i, 0])
 
 
 def _common_prefix(prompts: list[tuple[int, ...]]) -> int:
@@ -76,6 +80,8 @@ def attention_pair_cost(config) -> float | None:
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or d // heads
     except AttributeError:
+        return None
+    if not all(isinstance(v, int) and v > 0 for v in (d, heads, ff, kv, head_dim)):
         return None
     linear = d * head_dim * (2 * heads + 2 * kv) + 3 * d * ff
     return 2 * heads * head_dim / linear
@@ -104,7 +110,8 @@ def pack_shared_prompts(input_ids: torch.Tensor, resp_pos: torch.Tensor, resp_ma
     answers = {prompt: sum(int(lengths[i]) for i in members) for prompt, members in groups.items()}
 
     def width(row: list[tuple[int, ...]]) -> int:
-        return _common_prefix(row) + sum(len(p) - _common_prefix(row) + answers[p] for p in row)
+        shared = _common_prefix(row)
+        return shared + sum(len(p) - shared + answers[p] for p in row)
 
     prompts = list(groups)
     layout = [[prompt] for prompt in prompts]                               # per row: its prompts
@@ -132,7 +139,9 @@ def pack_shared_prompts(input_ids: torch.Tensor, resp_pos: torch.Tensor, resp_ma
                 ids[r, at:at + rest] = torch.tensor(prompt[P0:], dtype=torch.long)
                 pos[r, at:at + rest] = torch.arange(P0, P)
                 seg[r, at:at + rest] = parent
-            last = r * L + (at + rest - 1)   # the prompt's last state predicts every first response token
+            # the prompt's last state predicts every first response token: its rest's last, or (a prompt
+            # that is the row's whole prefix, possibly after longer ones) the prefix's last
+            last = r * L + (at + rest - 1 if rest else P0 - 1)
             at += rest
             for i in groups[prompt]:
                 n, s = int(lengths[i]), len(parents)

@@ -81,6 +81,38 @@ def test_merged_layout_is_a_prefix_tree():
     assert sees(12) == [0, 11, 12]                  # prompt 2's rest never sees prompt 1's tokens
 
 
+def _prefix_batch():
+    """A prompt that is all of another's beginning, after it in the row: its rest is empty, so its
+    answers hang off the row's prefix, whose last state is not the token before them. [B=5]"""
+    p1, p2 = [1, 11, 12, 13, 14], [1, 11, 12]
+    prompts = [p1, p1, p2, p2, p2]
+    responses = [[30, 31], [40], [50, 51, 52], [60], [70, 71]]
+    return make_batch(prompts, responses, pad_id=2), prompts, responses
+
+
+def test_a_prompt_that_prefixes_another_is_scored_from_its_own_end():
+    batch, prompts, responses = _prefix_batch()
+    pack = pack_shared_prompts(batch.input_ids, batch.resp_pos, batch.resp_mask, pad_id=2, pair_cost=0.0)
+    assert pack.input_ids.shape[0] == 1
+    _check_scored_tokens(pack, batch, prompts, responses)
+    from rlengine.logprobs import install_chunked_head, scored_logprobs
+
+    model = _tiny("llama", "sdpa")
+    install_chunked_head(model)
+    with torch.no_grad():
+        padded, _ = response_logprobs(model, batch, 0.8, with_entropy=False)
+        mask = attention_mask_4d(pack.segments, "sdpa", torch.float64, pack.parents)
+        rows, _ = scored_logprobs(model, pack.input_ids, mask, pack.position_ids, pack.rows, pack.targets, 0.8, False)
+    packed = torch.zeros_like(padded).index_put((pack.seq_index, pack.tok_index), rows)
+    assert (padded - packed).abs().max() < TOL64
+
+
+def test_an_empty_prompt_is_refused():
+    batch = make_batch([[], [], [1, 5]], [[30], [31], [32]], pad_id=2)
+    with pytest.raises(ValueError, match="sequence 0 has an empty prompt"):
+        pack_shared_prompts(batch.input_ids, batch.resp_pos, batch.resp_mask, pad_id=2)
+
+
 def test_the_cheaper_layout_is_chosen():
     """A merged row saves the prefix's copies in the linear layers and pays attention on a longer row.
     4 groups of 4, prompts of 100 tokens with 90 in common, pair cost 0.01; cost = R L (1 + 0.01 L)
