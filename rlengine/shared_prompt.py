@@ -50,7 +50,7 @@ class SharedPromptPack:
     targets: torch.Tensor        # [N] the token it scores
     seq_index: torch.Tensor      # [N] its sequence in the source batch (row of [B, T])
     tok_index: torch.Tensor      # [N] its response position in the source batch (column of [B, T])
-    parents: torch.Tensor | None = None   # [S] each segment's parent (PROMPT is its own); None: all PROMPT
+    parents: torch.Tensor        # [S] each segment's parent (PROMPT is its own)
 
 
 def _prompt_length(resp_pos: torch.Tensor, resp_mask: torch.Tensor, i: int) -> int | None:

@@ -90,20 +90,17 @@ def _prefix_batch():
     return make_batch(prompts, responses, pad_id=2), prompts, responses
 
 
-def test_a_prompt_that_prefixes_another_is_scored_from_its_own_end():
+def test_a_prompt_that_prefixes_another_is_scored_from_its_own_end(monkeypatch):
     batch, prompts, responses = _prefix_batch()
     pack = pack_shared_prompts(batch.input_ids, batch.resp_pos, batch.resp_mask, pad_id=2, pair_cost=0.0)
     assert pack.input_ids.shape[0] == 1
     _check_scored_tokens(pack, batch, prompts, responses)
-    from rlengine.logprobs import install_chunked_head, scored_logprobs
-
     model = _tiny("llama", "sdpa")
-    install_chunked_head(model)
     with torch.no_grad():
         padded, _ = response_logprobs(model, batch, 0.8, with_entropy=False)
-        mask = attention_mask_4d(pack.segments, "sdpa", torch.float64, pack.parents)
-        rows, _ = scored_logprobs(model, pack.input_ids, mask, pack.position_ids, pack.rows, pack.targets, 0.8, False)
-    packed = torch.zeros_like(padded).index_put((pack.seq_index, pack.tok_index), rows)
+        rows = _force_layout(monkeypatch, "merged")
+        packed, _ = response_logprobs(model, batch, 0.8, with_entropy=False, share_prompt=True)
+    assert rows == [1]
     assert (padded - packed).abs().max() < TOL64
 
 
