@@ -82,7 +82,9 @@ def build_local_sampler(cfg: Config, model_path: str, tokenizer) -> Sampler:
                              kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
                              gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                              max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                             in_process=in_process_possible(), num_threads=torch.get_num_threads())
+                             in_process=in_process_possible(), num_threads=torch.get_num_threads(),
+                             # asynchronous: a trainer computes beside every generate (vllm_sampler "Spinning")
+                             spin_while_generating=not cfg.rollout.max_staleness)
     from rlengine.runtime import local_device
 
     return build_sampler(cfg.rollout.backend, model_path, dtype=dtype, tokenizer=tokenizer, device=local_device())

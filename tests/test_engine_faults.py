@@ -189,7 +189,9 @@ def test_a_killed_vllm_engine_ends_the_job_and_resume_continues(tmp_path, tiny_m
     try:
         job.wait_for(_checkpointed(out, 2), timeout=600)
         rank1 = job.rank_process(1)
-        engines = [p for p in rank1.children(recursive=True) if "EngineCore" in p.name() + " ".join(p.cmdline())]
+        # vLLM's worker: spawned by multiprocessing (titled VllmWorker where setproctitle works)
+        engines = [p for p in rank1.children(recursive=True)
+                   if "VllmWorker" in p.name() + " ".join(p.cmdline()) or "spawn_main" in " ".join(p.cmdline())]
         assert engines, [(p.pid, p.name()) for p in rank1.children(recursive=True)]
         t0 = time.monotonic()
         engines[0].kill()

@@ -2,9 +2,9 @@
 
 Rank 0 = trainer (an HF model, the source of the push), rank 1 = rollout rank holding a
 VLLMSampler. Both ranks first join one default gloo group (as the deepspeed launcher makes them),
-then rank 1 starts vLLM with `in_process=False`: the engine lives in its own spawned process, so
-it neither adopts nor destroys the world group, reseeds this process's RNGs or freezes its thread
-count. Weights travel trainer -> rollout rank over a dedicated gloo group (WeightBroadcaster) and
+then rank 1 starts vLLM with `in_process=False`: the engine's worker lives in its own spawned
+process and its scheduler in rank 1, so it neither adopts nor destroys the world group (also at
+`close()`), reseeds this process's RNGs or freezes its thread count. Weights travel trainer -> rollout rank over a dedicated gloo group (WeightBroadcaster) and
 into the engine through a /dev/shm safetensors file.
 
 Checked: generation works; a push of perturbed weights changes greedy outputs, passes the bucket

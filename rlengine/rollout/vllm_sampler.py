@@ -36,13 +36,24 @@ Two engine modes:
     `torch.set_num_threads` into a no-op. This class restores the RNG states and
     `torch.set_num_threads` after start-up, and refuses to start in-process inside a multi-rank
     world (`in_process_possible()`).
-  * `in_process=False` (vLLM's own engine process, spawned): isolated from this process's
-    torch.distributed world, RNGs and threads. Weights travel through a safetensors file in
+  * `in_process=False` (the engine's worker spawned, its scheduler here: `VLLM_ENABLE_V1_MULTIPROCESSING=0`,
+    executor "mp"): the model, KV cache, torch.distributed world, RNGs and OpenMP threads live in
+    the spawned worker, isolated from this process's. Weights travel through a safetensors file in
     /dev/shm read by a small worker extension (tensors passed in RPC arguments would arrive as
     lists), written tensor by tensor as the push yields them (`consumes_weights_lazily`). This
     is the mode for a rollout rank inside a trainer's (deepspeed-launched) world: construct it
     after `init_process_group`, in any order relative to the other ranks
-    (tests/test_vllm_beside_trainer.py).
+    (tests/test_vllm_beside_trainer.py). The scheduler stays in this process (rather than in a
+    spawned engine-core process, vLLM's default) so that its wait for the worker can be made to
+    block instead of spin (`spin_while_generating`).
+  * Spinning. vLLM's shared-memory queues spin (sched_yield) for 1 s after every message, on both
+    sides: the scheduler while the worker computes a step, the worker between steps. Alone on its
+    cores that makes a generate faster (measured, 16 x 64 tokens, 1 thread: 9.2 s spinning, 11.0 s
+    blocking); beside a trainer computing on the other core it is pure loss: a one-thread matmul
+    loop kept 59% of its speed beside a spinning generate, 88-100% beside a blocking one, and the
+    generate itself took 14.5 s spinning against 10.8 s blocking (docs/benchmarks.md). So on CPU
+    the queues spin only while generating, and not at all with `spin_while_generating=False`
+    (asynchronous rollout, where the trainer computes while the sampler generates).
   * On CPU a tied lm_head (SmolLM2) keeps a packed copy of the embedding that vLLM's reload does
     not refresh; the worker extension repacks it after every reload (else the sampler keeps the
     old output layer: |delta logp| ~1.7 after a perturbed push, measured).
@@ -149,14 +160,11 @@ class RlengineWorkerExtension:
         return {"names": received, "digest": digest.value, "unmatched": unmatched}
 
     def rlengine_busy_wait(self, seconds: float) -> int:
-        """How long this worker spins for the next message after each one before it blocks.
-
-        vLLM's shared-memory queues spin (sched_yield) for 1 s after every message (shm_broadcast.
-        SpinCondition.busy_loop_s, not configurable). On a CPU box the engine then takes a whole
-        core for a second after every rollout, reload and probe, from the trainer sharing the
-        cores. The sampler turns the spin on only while generating: the trainer gets back ~3 CPU-s
-        per engine per step for a slightly slower generate (docs/benchmarks.md).
-        Returns how many waiting queues were set."""
+        """How long this worker spins for the next message after each one before it blocks
+        (shm_broadcast.SpinCondition.busy_loop_s, 1 s in vLLM and not configurable there). Idle,
+        a spinning worker takes a whole core for a second after every rollout, reload and probe
+        (measured 0.85-1.0 CPU-s in the 3 s after a generate, 0.04 blocking); the sampler sets it
+        (module docstring, "Spinning"). Returns how many waiting queues were set."""
         waits = getattr(self, "_rlengine_spin_waits", None)
         if waits is None:  # found once: walking every object of the worker takes ~0.15 s
             import gc
@@ -241,7 +249,8 @@ class VLLMSampler(Sampler):
     def __init__(self, model_path: str, dtype: str = "fp32", seed: int = 0,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0,
                  max_model_len: int = 2048, enforce_eager: bool = True, in_process: bool = True,
-                 num_threads: int | None = None, enable_prefix_caching: bool = True):
+                 num_threads: int | None = None, enable_prefix_caching: bool = True,
+                 spin_while_generating: bool = True):
         if dtype not in _DTYPES:
             raise ValueError(f"rollout.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if not vllm_available():
@@ -256,13 +265,14 @@ class VLLMSampler(Sampler):
         if cfg.get("tie_word_embeddings") and "lm_head.weight" in self.expected_names:
             self.expected_names.remove("lm_head.weight")
         on_gpu = torch.cuda.is_available()
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler always runs here
         if not in_process:
-            # a forked engine would inherit this process's torch.distributed state
+            # a forked worker would inherit this process's torch.distributed state
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         kwargs = dict(model=self.model_path, dtype=_DTYPES[dtype], seed=seed, enforce_eager=enforce_eager,
                       max_model_len=max_model_len, max_logprobs=-1, logprobs_mode="processed_logprobs",
-                      enable_prefix_caching=enable_prefix_caching, distributed_executor_backend="uni",
+                      enable_prefix_caching=enable_prefix_caching,
+                      distributed_executor_backend="uni" if in_process else "mp",
                       worker_extension_cls=f"{__name__}.RlengineWorkerExtension")
         if on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
@@ -292,9 +302,11 @@ class VLLMSampler(Sampler):
 
         self._engine_processes = [] if in_process else _engine_processes(self.llm)
         if not in_process:
+            _keep_world_at_shutdown(self.llm)
             self.llm.collective_rpc("rlengine_exit_with", args=(os.getpid(),))
-        # spin-wait in the engine only while generating, and only on CPU (see rlengine_busy_wait)
+        # spin only while generating, and only on CPU (module docstring, "Spinning")
         self._tame_spin = not on_gpu and not in_process
+        self.spin_while_generating = spin_while_generating
         self._set_busy_wait(False)
         self.sleep_supported = bool(on_gpu and current_platform.is_sleep_mode_available())
         self._asleep = False
@@ -367,8 +379,17 @@ class VLLMSampler(Sampler):
         return result
 
     def _set_busy_wait(self, on: bool) -> None:
-        if self._tame_spin:
-            self.llm.collective_rpc("rlengine_busy_wait", args=(1.0 if on else 0.0,))
+        """Let both ends of vLLM's queues spin (`on`, while generating) or block on their next
+        message; with `spin_while_generating=False` they always block, and nothing is sent."""
+        if not self._tame_spin:
+            return
+        seconds = 1.0 if on and self.spin_while_generating else 0.0
+        if getattr(self, "_spin_seconds", None) == seconds:
+            return
+        for wait in _scheduler_spin_waits(self.llm):
+            wait.busy_loop_s = seconds
+        self.llm.collective_rpc("rlengine_busy_wait", args=(seconds,))
+        self._spin_seconds = seconds
 
     # ---- weights ----------------------------------------------------------------------------
     @property
@@ -448,19 +469,50 @@ class VLLMSampler(Sampler):
         if llm is None:
             return
         self.llm = None
-        engine = getattr(llm, "llm_engine", None)
-        shutdown = getattr(engine, "engine_core", None)
-        if shutdown is not None and hasattr(shutdown, "shutdown"):
-            shutdown.shutdown()
+        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if not self.in_process and _executor(llm) is not None:
+            core = client.engine_core   # its own shutdown would also end this process's world
+            core.model_executor.shutdown()
+            core.scheduler.shutdown()
+        elif client is not None and hasattr(client, "shutdown"):
+            client.shutdown()
         del llm
 
 
-def _engine_processes(llm) -> list:
-    """The engine-core processes vLLM 0.32 spawned for `llm` (multiprocessing handles: this process
-    is their parent, so `is_alive()` and `exitcode` work); [] where the layout differs."""
+def _executor(llm):
+    """The executor behind `llm` when its scheduler runs in this process (vLLM 0.32), else None."""
     client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    manager = getattr(getattr(client, "resources", None), "engine_manager", None)
-    return list(getattr(manager, "processes", None) or [])
+    return getattr(getattr(client, "engine_core", None), "model_executor", None)
+
+
+def _engine_processes(llm) -> list:
+    """The worker processes vLLM 0.32 spawned for `llm` (multiprocessing handles: this process is
+    their parent, so `is_alive()` and `exitcode` work); [] where the layout differs."""
+    return [w.proc for w in getattr(_executor(llm), "workers", None) or [] if getattr(w, "proc", None) is not None]
+
+
+def _keep_world_at_shutdown(llm) -> None:
+    """vLLM's in-process engine shuts down through `cleanup_dist_env_and_memory`, which destroys
+    this process's default torch.distributed group (the trainer's world: the next collective of
+    the rollout rank fails with "Connection closed by peer", measured); it runs from `close()` and
+    from a finalizer when the engine is collected or the interpreter exits. The finalizer is
+    detached here; `close()` stops the workers and the scheduler itself, and a worker outliving
+    this process ends by `rlengine_exit_with`."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    finalizer = getattr(client, "_finalizer", None)
+    if finalizer is not None:
+        finalizer.detach()
+
+
+def _scheduler_spin_waits(llm) -> list:
+    """The reading ends, in this process, of the queues the spawned workers answer on: where the
+    scheduler spins while a worker computes. [] where the layout differs."""
+    waits = []
+    for queue in getattr(_executor(llm), "response_mqs", None) or []:
+        wait = getattr(queue, "_spin_condition", None)
+        if wait is not None and getattr(wait, "is_reader", False):
+            waits.append(wait)
+    return waits
 
 
 WEIGHT_FILE_PREFIX = "rlengine-weights-"
