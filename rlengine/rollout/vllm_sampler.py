@@ -48,10 +48,12 @@ Two engine modes:
     block instead of spin (`spin_while_generating`).
   * Spinning. vLLM's shared-memory queues spin (sched_yield) for 1 s after every message, on both
     sides: the scheduler while the worker computes a step, the worker between steps. Alone on its
-    cores that makes a generate faster (measured, 16 x 64 tokens, 1 thread: 9.2 s spinning, 11.0 s
-    blocking); beside a trainer computing on the other core it is pure loss: a one-thread matmul
-    loop kept 59% of its speed beside a spinning generate, 88-100% beside a blocking one, and the
-    generate itself took 14.5 s spinning against 10.8 s blocking (docs/benchmarks.md). So on CPU
+    cores the measurements disagree (16 x 64 tokens, 1 thread: 9.2 s spinning, 11.0 s blocking in
+    one; 16 x 32 tokens: 10.5 s spinning, 4.5 s blocking in another), so the synchronous loop keeps
+    vLLM's spin until an A/B settles it. Beside a trainer computing on the other core it is pure
+    loss: a one-thread matmul loop kept 59% of its speed beside a spinning generate, 88-100% beside
+    a blocking one, and the generate itself took 14.5 s spinning against 10.8 s blocking
+    (docs/benchmarks.md). So on CPU
     the queues spin only while generating, and not at all with `spin_while_generating=False`
     (asynchronous rollout, where the trainer computes while the sampler generates).
   * On CPU a tied lm_head (SmolLM2) keeps a packed copy of the embedding that vLLM's reload does
@@ -307,6 +309,7 @@ class VLLMSampler(Sampler):
         # spin only while generating, and only on CPU (module docstring, "Spinning")
         self._tame_spin = not on_gpu and not in_process
         self.spin_while_generating = spin_while_generating
+        self._spin_seconds: float | None = None   # what the queues were last set to
         self._set_busy_wait(False)
         self.sleep_supported = bool(on_gpu and current_platform.is_sleep_mode_available())
         self._asleep = False
@@ -384,7 +387,7 @@ class VLLMSampler(Sampler):
         if not self._tame_spin:
             return
         seconds = 1.0 if on and self.spin_while_generating else 0.0
-        if getattr(self, "_spin_seconds", None) == seconds:
+        if self._spin_seconds == seconds:
             return
         for wait in _scheduler_spin_waits(self.llm):
             wait.busy_loop_s = seconds
@@ -469,20 +472,23 @@ class VLLMSampler(Sampler):
         if llm is None:
             return
         self.llm = None
-        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if not self.in_process and _executor(llm) is not None:
-            core = client.engine_core   # its own shutdown would also end this process's world
-            core.model_executor.shutdown()
-            core.scheduler.shutdown()
+        client, executor = _engine_client(llm), _executor(llm)
+        if not self.in_process and executor is not None:
+            executor.shutdown()        # not the engine's own shutdown: it would end this process's world
+            client.engine_core.scheduler.shutdown()
         elif client is not None and hasattr(client, "shutdown"):
             client.shutdown()
         del llm
 
 
+def _engine_client(llm):
+    """vLLM 0.32's engine-core client behind `llm` (None where the layout differs)."""
+    return getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+
+
 def _executor(llm):
     """The executor behind `llm` when its scheduler runs in this process (vLLM 0.32), else None."""
-    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    return getattr(getattr(client, "engine_core", None), "model_executor", None)
+    return getattr(getattr(_engine_client(llm), "engine_core", None), "model_executor", None)
 
 
 def _engine_processes(llm) -> list:
@@ -498,8 +504,7 @@ def _keep_world_at_shutdown(llm) -> None:
     from a finalizer when the engine is collected or the interpreter exits. The finalizer is
     detached here; `close()` stops the workers and the scheduler itself, and a worker outliving
     this process ends by `rlengine_exit_with`."""
-    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    finalizer = getattr(client, "_finalizer", None)
+    finalizer = getattr(_engine_client(llm), "_finalizer", None)
     if finalizer is not None:
         finalizer.detach()
 
